@@ -1,0 +1,200 @@
+"""The `graphopt` command line. The only module that prints or parses arguments."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from graphopt import __version__
+from graphopt.ir import fidelity, io, ort
+from graphopt.ir.data import input_specs, load_feeds, random_feeds
+from graphopt.ir.errors import DataError, GraphoptError, PipelineError
+from graphopt.ir.graph import infer_shapes
+from graphopt.optimize import optimize
+from graphopt.passes import registry
+from graphopt.passes.manager import Instrument
+from graphopt.passes.pipeline import Pipeline
+from graphopt.report import format_summary, summarize, write_json
+
+MODEL_NAME = "model.opt.onnx"
+
+
+class Progress(Instrument):
+    """One line per pass on stderr: what is running, then how long it took."""
+
+    def before_pass(self, pass_, graph, index, total):
+        print(f"[{index + 1}/{total}] {pass_!r} ...", end="", file=sys.stderr, flush=True)
+        self._start = time.perf_counter()
+
+    def after_pass(self, pass_, graph, record):
+        state = "modified" if record.modified else "unchanged"
+        print(f" {state} in {time.perf_counter() - self._start:.2f}s", file=sys.stderr, flush=True)
+
+
+def cmd_optimize(args) -> int:
+    out_dir = Path(args.output)
+    target = (out_dir / MODEL_NAME).resolve()
+    if target == Path(args.model).resolve():
+        raise GraphoptError(f"{args.model}: output {target} would overwrite the input model")
+    spec = Pipeline.load(args.pipeline) if args.pipeline else Pipeline.parse(args.passes)
+    result = optimize(args.model, spec, data=args.data, verify=not args.no_verify,
+                      instruments=() if args.quiet else (Progress(),), seed=args.seed)
+    _write_outputs(result, out_dir, args)
+    if not args.quiet:
+        _print_report(result.report, out_dir)
+    if args.explain:
+        for line in _refusals(result.report["passes"]):
+            print(line)
+    return 0
+
+
+def _write_outputs(result, out_dir: Path, args) -> None:
+    """Stage both files in a temporary folder beside OUTDIR, then move them in: a failure leaves
+    no partial output."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        staged = Path(tmp)
+        io.save(result.graph, staged / MODEL_NAME)
+        report = dict(result.report, model=str(args.model), output=str(out_dir / MODEL_NAME))
+        report["after"]["file_bytes"] = (staged / MODEL_NAME).stat().st_size
+        write_json(report, staged / "report.json")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(staged):
+            os.replace(staged / name, out_dir / name)
+
+
+def _print_report(report: dict, out_dir: Path) -> None:
+    b, a = report["before"], report["after"]
+    print(f"{'':12}{'before':>16}{'after':>16}")
+    for key in ("params", "size_bytes", "macs", "nodes"):
+        print(f"{key:12}{b[key]:>16,}{a[key]:>16,}")
+    for name, f in report["fidelity"]["outputs"].items():
+        print(f"fidelity {name}: max_abs={f['max_abs']:.3g} cosine={f['cosine']:.6f} sqnr={f['sqnr_db']:.1f} dB")
+    print(f"wrote {out_dir / MODEL_NAME} and {out_dir / 'report.json'}")
+
+
+def _refusals(records: list[dict]):
+    def walk(stats, where):
+        if isinstance(stats, dict):
+            for r in stats.get("refused", []):
+                yield f"{where}: {r.get('node')}: {r['reason']}"
+            for key, value in stats.items():
+                if isinstance(value, dict):
+                    yield from walk(value, key)
+    for record in records:
+        yield from walk(record["stats"], record["name"])
+
+
+def cmd_inspect(args) -> int:
+    graph = infer_shapes(io.load(args.model))
+    summary = summarize(graph, layers=True)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_passes(args) -> int:
+    import dataclasses
+
+    for cls in registry.BUILTIN:
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+        print(f"{cls.name}    [{cls.info.semantics.describe()}]")
+        for f in dataclasses.fields(cls.Options):
+            print(f"    option {f.name} = {f.default!r}")
+        print("    " + doc.replace("\n", "\n    ") + "\n")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    original, candidate = io.load(args.original), io.load(args.optimized)
+    specs = input_specs(original)
+    feeds = load_feeds(args.data, specs) if args.data else random_feeds(specs, args.seed)
+    ref, out = ort.run(original, feeds), ort.run(candidate, feeds)
+    try:
+        metrics = fidelity.compare(ref, out)
+    except ValueError as e:
+        raise GraphoptError(f"{args.optimized}: {e}") from None
+    worst = 1.0
+    for name, m in metrics.items():
+        print(f"{name}: max_abs={m.max_abs:.6g} cosine={m.cosine:.6f} sqnr_db={m.sqnr_db:.2f}")
+        worst = min(worst, m.cosine)
+    labels = _labels(args.data)
+    if labels is not None:
+        first = next(iter(ref))
+        acc = [float(np.mean(np.argmax(o[first], axis=-1) == labels)) for o in (ref, out)]
+        print(f"accuracy: original={acc[0]:.4f} optimized={acc[1]:.4f}")
+    if args.min_cosine is not None and worst < args.min_cosine:
+        print(f"cosine {worst:.6f} is below --min-cosine {args.min_cosine}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _labels(data) -> np.ndarray | None:
+    if not data or not str(data).endswith(".npz"):
+        return None
+    with np.load(data, allow_pickle=False) as z:
+        return z["y"] if "y" in z.files else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphopt", description="Compress ONNX models with verified graph passes.")
+    parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("optimize", help="run a pass pipeline and write OUTDIR/model.opt.onnx and report.json")
+    p.add_argument("model", help="input ONNX model (never modified)")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--passes", default="canonicalize", metavar="SPEC",
+                       help='pass spec, e.g. "fold-constants,fold-batchnorm" (default: canonicalize)')
+    group.add_argument("--pipeline", metavar="FILE", help="pipeline as a YAML or TOML file")
+    p.add_argument("--data", metavar="FILE", help="inputs as .npz (by input name, or x) or a folder of .npy")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs when no --data is given")
+    p.add_argument("--no-verify", action="store_true", help="skip checker, invariants and fidelity checks between passes")
+    p.add_argument("--explain", action="store_true", help="print why each refused rewrite was refused")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("inspect", help="ops, parameters, size, MACs per layer, inputs and outputs")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("passes", help="list the passes, their options and guarantees")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("verify", help="compare two models' outputs in onnxruntime")
+    p.add_argument("original")
+    p.add_argument("optimized")
+    p.add_argument("--data", metavar="FILE", help="inputs (.npz or .npy folder); an npz with y also gives accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-cosine", type=float, help="exit 1 if any output's cosine similarity is lower")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (GraphoptError, DataError, PipelineError) as e:
+        print(f"graphopt: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last line of defence: one line, no traceback
+        if os.environ.get("GRAPHOPT_DEBUG"):
+            raise
+        print(f"graphopt: internal error: {type(e).__name__}: {e} (set GRAPHOPT_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

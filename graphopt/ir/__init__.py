@@ -1,0 +1,1 @@
+"""The IR layer: ONNX through onnx-graphsurgeon. Imports nothing else of graphopt."""

@@ -1,0 +1,177 @@
+"""Helpers over `gs.Graph`: constants, producers and consumers, shapes, and cheap model skeletons."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import external_data_helper
+
+# Initializers with more elements than this are left out of skeletons: checking and shape inference
+# read only their dims, and copying 100 MB of weights per pass would dominate the pass time.
+SKELETON_MAX_ELEMENTS = 4096
+
+
+def export(graph: gs.Graph) -> onnx.ModelProto:
+    """gs.Graph -> ModelProto; intermediate tensors need no declared types."""
+    return gs.export_onnx(graph, do_type_check=False)
+
+
+def const_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant-node output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    return None
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.inputs)
+
+
+def attr(node: gs.Node, name: str, default=None):
+    return node.attrs.get(name, default)
+
+
+def opset(graph: gs.Graph) -> int:
+    """The default-domain opset version the graph declares."""
+    for o in graph.import_domains or []:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return graph.opset
+
+
+def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The shape when every dimension is a known integer, else None."""
+    shape = tensor.shape
+    if shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def constant_nodes_to_initializers(graph: gs.Graph) -> int:
+    """Turn `Constant` nodes (as Paddle and some exporters write weights) into initializers.
+
+    Outputs that are graph outputs stay produced by a node, since an output that is an
+    initializer is rejected by some runtimes. Returns how many nodes were converted.
+    """
+    converted = 0
+    outputs = {id(t) for t in graph.outputs}
+    for node in graph.nodes:
+        if node.op != "Constant" or node.domain not in ("", "ai.onnx", None) or id(node.outputs[0]) in outputs:
+            continue
+        value = _constant_attr_value(node)
+        if value is None:
+            continue
+        out = node.outputs[0]
+        node.outputs.clear()
+        out.to_constant(value)
+        converted += 1
+    if converted:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return converted
+
+
+def _constant_attr_value(node: gs.Node) -> np.ndarray | None:
+    a = node.attrs
+    if isinstance(a.get("value"), gs.Constant):
+        return np.asarray(a["value"].values)
+    scalars = {"value_float": np.float32, "value_int": np.int64}
+    lists = {"value_floats": np.float32, "value_ints": np.int64}
+    for key, dtype in scalars.items():
+        if key in a:
+            return np.array(a[key], dtype=dtype)
+    for key, dtype in lists.items():
+        if key in a:
+            return np.array(list(a[key]), dtype=dtype)
+    return None  # sparse_value and string values are left as nodes
+
+
+def find_cycle(graph: onnx.GraphProto) -> list[str]:
+    """Names of nodes on a dependency cycle (Kahn's algorithm leftovers), or [] if acyclic."""
+    producers = {}
+    for i, node in enumerate(graph.node):
+        for out in node.output:
+            if out:
+                producers[out] = i
+    deps = [{producers[x] for x in node.input if x in producers} for node in graph.node]
+    users: list[list[int]] = [[] for _ in graph.node]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    pending = [len(d) for d in deps]
+    ready = [i for i, n in enumerate(pending) if n == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for u in users[i]:
+            pending[u] -= 1
+            if pending[u] == 0:
+                ready.append(u)
+    if done == len(graph.node):
+        return []
+    return [graph.node[i].name or f"#{i}:{graph.node[i].op_type}" for i, n in enumerate(pending) if n][:8]
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose large initializers are graph inputs of the same type and shape.
+
+    Enough for onnx.checker and shape inference, at the cost of the graph structure only.
+    """
+    g = model.graph
+    input_names = {i.name for i in g.input}
+    small, big_inputs = [], []
+    for t in g.initializer:
+        count = int(np.prod(t.dims)) if t.dims else 1
+        if count <= SKELETON_MAX_ELEMENTS and not external_data_helper.uses_external_data(t):
+            small.append(t)
+        elif t.name not in input_names:
+            big_inputs.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    graph = onnx.helper.make_graph(g.node, g.name, list(g.input) + big_inputs, g.output,
+                                   initializer=small, value_info=g.value_info,
+                                   sparse_initializer=g.sparse_initializer)
+    out = onnx.helper.make_model(graph, opset_imports=model.opset_import, functions=model.functions)
+    out.ir_version = model.ir_version
+    return out
+
+
+def infer_shapes(graph: gs.Graph) -> gs.Graph:
+    """Fill dtypes and shapes of the graph's variables by ONNX shape inference (with data propagation)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(export(graph)), data_prop=True)
+    except onnx.shape_inference.InferenceError:
+        # Strict inference fails on some valid graphs; a partial answer is still useful.
+        return graph
+    known = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or tt.elem_type == 0:
+            continue
+        shape = None
+        if tt.HasField("shape"):
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        known[vi.name] = (onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type), shape)
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Variable) and name in known:
+            dtype, shape = known[name]
+            tensor.dtype = tensor.dtype or dtype
+            if shape is not None:
+                tensor.shape = shape
+    return graph
+
+
+def unique_name(existing: set[str], prefix: str) -> str:
+    """`prefix`, or `prefix_N` for the first N that is free; records the name as taken."""
+    name, n = prefix, 0
+    while name in existing:
+        n += 1
+        name = f"{prefix}_{n}"
+    existing.add(name)
+    return name

@@ -1,0 +1,58 @@
+"""Run models in onnxruntime, the reference every pass is measured against."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from graphopt.ir.errors import GraphoptError
+from graphopt.ir.graph import export
+
+_INLINE_LIMIT = 2**31 - (1 << 20)
+
+
+def session(model: onnx.ModelProto | gs.Graph | str | os.PathLike, optimize: bool = False,
+            threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session; graph optimisations off unless asked, so what runs is what we wrote."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if isinstance(model, gs.Graph):
+        model = export(model)
+    try:
+        return _session(model, opts)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's pybind errors share no useful base class
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GraphoptError(f"onnxruntime cannot load the model: {first}") from None
+
+
+def _session(model, opts) -> ort.InferenceSession:
+    providers = ["CPUExecutionProvider"]
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(str(model), opts, providers=providers)
+    if model.ByteSize() < _INLINE_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
+        return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def run(model, feeds: dict[str, np.ndarray], **session_kwargs) -> dict[str, np.ndarray]:
+    """Outputs by name for one set of feeds."""
+    sess = model if isinstance(model, ort.InferenceSession) else session(model, **session_kwargs)
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    try:
+        results = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    except Exception as e:  # noqa: BLE001 - as above
+        raise GraphoptError(f"onnxruntime failed to run the model: {str(e).strip().splitlines()[0]}") from None
+    return dict(zip(names, results))

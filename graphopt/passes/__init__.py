@@ -1,0 +1,1 @@
+"""Target-free ONNX graph rewrites. Never imports codegen."""

@@ -1,0 +1,1 @@
+"""Canonicalization: constant folding, BatchNorm folding, no-op and dead-code removal."""

@@ -1,0 +1,102 @@
+"""PassManager: runs passes in order, timing each, with instruments around every pass.
+
+Instruments see each pass before and after it runs. `VerifyInstrument` checks onnx.checker,
+the named invariants and the graph's interface; `FidelityInstrument` runs the model in
+onnxruntime and holds EXACT and TOLERANCE passes to their declared bounds.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.ir import fidelity, ort, verify
+from graphopt.ir.errors import VerificationError
+from graphopt.ir.graph import opset
+from graphopt.passes.base import Pass, PassContext, PassResult
+
+
+@dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+    stats: dict = field(default_factory=dict)
+    fidelity: dict | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class Instrument:
+    def before_pass(self, pass_: Pass, graph: gs.Graph, index: int, total: int) -> None:
+        pass
+
+    def after_pass(self, pass_: Pass, graph: gs.Graph, record: PassRecord) -> None:
+        pass
+
+
+class VerifyInstrument(Instrument):
+    """onnx.checker, the always-on invariants, the pass's `ensures`, and an unchanged interface."""
+
+    def __init__(self, graph: gs.Graph):
+        self.signature = verify.Signature.of(graph)
+
+    def after_pass(self, pass_, graph, record):
+        problems = verify.check(graph, verify.ALWAYS + tuple(sorted(pass_.info.ensures)))
+        problems += self.signature.differences(verify.Signature.of(graph))
+        if problems:
+            raise VerificationError(f"pass '{pass_.name}' left an invalid graph: " + "; ".join(problems[:5]))
+
+
+class FidelityInstrument(Instrument):
+    """Compares each pass's output with the reference outputs on `feeds` in onnxruntime."""
+
+    def __init__(self, reference: dict[str, np.ndarray], feeds: dict[str, np.ndarray]):
+        self.reference, self.feeds = reference, feeds
+
+    def after_pass(self, pass_, graph, record):
+        if not record.modified:
+            return
+        outputs = ort.run(graph, self.feeds)
+        record.fidelity = {k: v.as_dict() for k, v in fidelity.compare(self.reference, outputs).items()}
+        for name, ref in self.reference.items():
+            why = pass_.info.semantics.violation(ref, outputs[name])
+            if why:
+                raise VerificationError(f"pass '{pass_.name}' broke its semantics on output '{name}': {why}")
+
+
+class PassManager:
+    def __init__(self, passes, verify: bool = True, instruments: tuple[Instrument, ...] = ()):
+        self.passes = list(passes)
+        self.verify = verify
+        self.instruments = list(instruments)
+
+    def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> list[PassRecord]:
+        ctx = ctx or PassContext(verify=self.verify)
+        instruments = ([VerifyInstrument(graph)] if self.verify else []) + self.instruments
+        records = []
+        for i, pass_ in enumerate(self.passes):
+            for inst in instruments:
+                inst.before_pass(pass_, graph, i, len(self.passes))
+            start = time.perf_counter()
+            result = self._run_one(pass_, graph, ctx)
+            record = PassRecord(pass_.name, result.modified, time.perf_counter() - start, result.stats)
+            for inst in instruments:
+                inst.after_pass(pass_, graph, record)
+            records.append(record)
+        return records
+
+    @staticmethod
+    def _run_one(pass_: Pass, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        low, high = pass_.info.opset
+        version = opset(graph)
+        if not low <= version <= high:
+            return PassResult(False, {"skipped": f"opset {version} outside the pass's range {low}..{high}"})
+        for name in sorted(pass_.info.requires):
+            establish = verify.INVARIANTS[name].establish
+            if establish:
+                establish(graph)
+        return pass_.run(graph, ctx)

@@ -1,0 +1,33 @@
+"""The built-in passes, listed explicitly: importing a module never registers anything."""
+from __future__ import annotations
+
+import difflib
+
+from graphopt.ir.errors import PipelineError
+from graphopt.passes.base import Pass
+from graphopt.passes.cleanup.canonicalize import Canonicalize
+from graphopt.passes.cleanup.eliminate_dead import EliminateDead
+from graphopt.passes.cleanup.eliminate_noops import EliminateNoops
+from graphopt.passes.cleanup.fold_batchnorm import FoldBatchNorm
+from graphopt.passes.cleanup.fold_constants import FoldConstants
+from graphopt.passes.cleanup.fuse_matmul_add import FuseMatMulAdd
+
+BUILTIN: tuple[type[Pass], ...] = (
+    Canonicalize, FoldConstants, FoldBatchNorm, EliminateNoops, FuseMatMulAdd, EliminateDead,
+)
+ALIASES = {"fold-bn": "fold-batchnorm", "dce": "eliminate-dead"}
+
+
+def lookup(name: str) -> type[Pass]:
+    name = ALIASES.get(name, name)
+    for cls in BUILTIN:
+        if cls.name == name:
+            return cls
+    names = [c.name for c in BUILTIN] + list(ALIASES)
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; passes: {', '.join(c.name for c in BUILTIN)}"
+    raise PipelineError(f"unknown pass '{name}'{hint}")
+
+
+def create(name: str, options: dict) -> Pass:
+    return lookup(name)(**options)

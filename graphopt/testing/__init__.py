@@ -1,0 +1,1 @@
+"""Test support: synthetic ONNX model builders with random weights."""
