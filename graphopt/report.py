@@ -109,7 +109,7 @@ def format_summary(summary: dict) -> str:
     if summary.get("layers"):
         width = max(len(layer["name"]) for layer in summary["layers"])
         lines.append("")
-        lines.append(f"{'layer':<{width}}  {"op":<18} {'params':>12} {'MACs':>14}")
+        lines.append(f"{'layer':<{width}}  {'op':<18} {'params':>12} {'MACs':>14}")
         for layer in summary["layers"]:
-            lines.append(f"{layer['name']:<{width}}  {layer["op"]:<18} {layer['params']:>12,} {layer['macs']:>14,}")
+            lines.append(f"{layer['name']:<{width}}  {layer['op']:<18} {layer['params']:>12,} {layer['macs']:>14,}")
     return "\n".join(lines)
