@@ -1,7 +1,6 @@
 """The main job as a function: run a pipeline on a model and measure what it did."""
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
              instruments: tuple[Instrument, ...] = (), seed: int = 0) -> Optimized:
     """Run `passes` on `model` (a path or a graph, which is not modified) and report sizes, MACs,
     per-pass stats and fidelity against the original in onnxruntime."""
-    graph = io.load(model) if isinstance(model, (str, os.PathLike)) else copy.deepcopy(model)
+    graph = io.load(model) if isinstance(model, (str, os.PathLike)) else model.copy()
     pipeline = Pipeline.parse(passes) if isinstance(passes, str) else Pipeline(passes)
     feeds = _feeds(graph, data, seed)
     # Measured before the passes run, so no copy of the original weights is kept.

@@ -107,7 +107,15 @@ class Signature:
                 problems.append(f"graph {kind}s changed from {[m[0] for m in mine]} to {[t[0] for t in theirs]}")
                 continue
             for m, t in zip(mine, theirs):
-                if m[1] != t[1] or (m[2] is not None and t[2] is not None and m[2] != t[2]):
+                if m[1] != t[1] or not _shapes_compatible(m[2], t[2]):
                     problems.append(f"graph {kind} '{m[0]}' changed from {m[1]}{list(m[2] or [])} "
                                     f"to {t[1]}{list(t[2] or [])}")
         return problems
+
+
+def _shapes_compatible(a: tuple | None, b: tuple | None) -> bool:
+    """Same rank and equal wherever both dimensions are known; a symbolic dimension may become known."""
+    if a is None or b is None:
+        return True
+    known = (int, np.integer)
+    return len(a) == len(b) and all(x == y for x, y in zip(a, b) if isinstance(x, known) and isinstance(y, known))

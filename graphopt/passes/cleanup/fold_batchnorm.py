@@ -81,11 +81,12 @@ def rewrite(rw: Rewriter, node: gs.Node, m: MatchResult) -> None:
     else:
         new_w = w * scale[None, :]
     rw.set_input(op, 1, rw.constant(f"{op.name}_bn_weight", new_w.astype(dtype)))
+    folded = op.outputs[0]  # for MatMul, the Add added below takes over this tensor
     if op.op == "MatMul":
         _add_bias(rw, op, shift.astype(dtype))
     else:
         _fold_bias(rw, op, scale, shift, dtype)
-    rw.replace_uses(node.outputs[0], op.outputs[0])
+    rw.replace_uses(node.outputs[0], folded)
     rw.remove(node)
 
 
