@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from onnx_graphsurgeon.logger import G_LOGGER as gs_logger
 
 from graphopt import __version__
 from graphopt.ir import fidelity, io, ort
@@ -39,6 +40,8 @@ class Progress(Instrument):
 
 def cmd_optimize(args) -> int:
     out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GraphoptError(f"{out_dir}: -o names a file; give a folder for model.opt.onnx and report.json")
     target = (out_dir / MODEL_NAME).resolve()
     if target == Path(args.model).resolve():
         raise GraphoptError(f"{args.model}: output {target} would overwrite the input model")
@@ -180,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # graphsurgeon logs warnings to stdout, which would corrupt `inspect --json`.
+    gs_logger.severity = gs_logger.ERROR
     try:
         return args.func(args)
     except (GraphoptError, DataError, PipelineError) as e:

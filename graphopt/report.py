@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir.graph import export, static_shape
+from graphopt.ir.graph import export, np_dtype, static_shape
 
 
 def summarize(graph: gs.Graph, layers: bool = False) -> dict:
@@ -37,7 +37,7 @@ def _count(shape) -> int:
 
 
 def _io(t: gs.Tensor) -> dict:
-    return {"name": t.name, "dtype": None if t.dtype is None else np.dtype(t.dtype).name,
+    return {"name": t.name, "dtype": None if t.dtype is None else np_dtype(t.dtype).name,
             "shape": None if t.shape is None else [d if isinstance(d, (int, np.integer)) else str(d) for d in t.shape]}
 
 

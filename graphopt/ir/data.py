@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir.errors import DataError
+from graphopt.ir.graph import np_dtype
 
 
 @dataclass(frozen=True)
@@ -20,8 +22,8 @@ class InputSpec:
 
 def input_specs(graph: gs.Graph) -> list[InputSpec]:
     """The graph inputs that are not initializers, with dtype and (possibly symbolic) shape."""
-    return [InputSpec(t.name, np.dtype(t.dtype or np.float32), tuple(t.shape or ()))
-            for t in graph.inputs if isinstance(t, gs.Variable)]
+    return [InputSpec(t.name, np.dtype(np.float32) if t.dtype is None else np_dtype(t.dtype),
+                      tuple(t.shape or ())) for t in graph.inputs if isinstance(t, gs.Variable)]
 
 
 def random_feeds(specs: list[InputSpec], seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
@@ -41,8 +43,9 @@ def random_feeds(specs: list[InputSpec], seed: int = 0, batch: int = 1) -> dict[
 
 def load_feeds(path: str | os.PathLike, specs: list[InputSpec], limit: int | None = None
                ) -> dict[str, np.ndarray]:
-    """Feeds from `path`: an .npz keyed by input name (or `x` for a single input), or a folder of
-    `<input name>.npy` files. Arrays are cast to the input's dtype and checked for rank."""
+    """Feeds from `path`: an .npz keyed by input name (or `x` for a single input), a folder of
+    `<input name>.npy` files, or one .npy file (read as `x`). Arrays are cast to the input's dtype
+    and checked for rank."""
     path = Path(path)
     arrays = _read_arrays(path)
     feeds = {}
@@ -53,13 +56,19 @@ def load_feeds(path: str | os.PathLike, specs: list[InputSpec], limit: int | Non
         a = np.asarray(arrays[key])
         if s.shape and a.ndim != len(s.shape):
             raise DataError(f"{path}: array '{key}' has shape {a.shape}, input '{s.name}' needs rank {len(s.shape)}")
-        feeds[s.name] = (a[:limit] if limit else a).astype(s.dtype, copy=False)
+        if limit and a.ndim:
+            a = a[:limit]
+        try:
+            feeds[s.name] = a.astype(s.dtype, copy=False)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{path}: array '{key}' cannot be cast to {s.dtype} for input '{s.name}' ({e})"
+                            ) from None
     return feeds
 
 
 def batches(feeds: dict[str, np.ndarray], size: int):
     """Split feeds along the first axis into batches of at most `size`."""
-    n = min(len(v) for v in feeds.values())
+    n = min((len(v) for v in feeds.values()), default=0)
     for start in range(0, n, size):
         yield {k: v[start:start + size] for k, v in feeds.items()}
 
@@ -68,7 +77,10 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
         if path.is_dir():
             return {p.stem: np.load(p, allow_pickle=False) for p in sorted(path.glob("*.npy"))}
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return {"x": loaded}
+        with loaded as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: cannot read input data ({e})") from None

@@ -33,3 +33,7 @@ class PipelineError(GraphoptError):
 
 class VerificationError(GraphoptError):
     """A pass broke an invariant or its declared numeric semantics."""
+
+
+class CodegenError(GraphoptError):
+    """A model, target or toolchain that TVM code generation cannot handle, or a library it cannot load."""

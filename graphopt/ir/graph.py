@@ -47,6 +47,14 @@ def opset(graph: gs.Graph) -> int:
     return graph.opset
 
 
+def np_dtype(dtype) -> np.dtype:
+    """A tensor's dtype as numpy's; graphsurgeon keeps the ONNX type number for the types numpy
+    lacks (bfloat16, float8, int4), which `np.dtype` cannot read."""
+    if isinstance(dtype, (int, np.integer)):
+        return onnx.helper.tensor_dtype_to_np_dtype(int(dtype))
+    return np.dtype(dtype)
+
+
 def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     """The shape when every dimension is a known integer, else None."""
     shape = tensor.shape
@@ -94,30 +102,47 @@ def _constant_attr_value(node: gs.Node) -> np.ndarray | None:
 
 
 def find_cycle(graph: onnx.GraphProto) -> list[str]:
-    """Names of nodes on a dependency cycle (Kahn's algorithm leftovers), or [] if acyclic."""
+    """Names of the nodes on one dependency cycle, in data-flow order, or [] if the graph is acyclic."""
+    deps = _node_deps(graph)
+    left = _unsortable(deps)
+    if not left:
+        return []
+    # Every node Kahn's algorithm leaves behind waits on another one left behind, so walking back
+    # along those dependencies must come round to a node already seen: from there on it is a cycle.
+    seen: dict[int, int] = {}
+    i = min(left)
+    while i not in seen:
+        seen[i] = len(seen)
+        i = min(d for d in deps[i] if d in left)
+    cycle = list(reversed(list(seen)[seen[i]:]))
+    first = cycle.index(min(cycle))  # start where the file does, so the message reads in file order
+    return [graph.node[j].name or f"#{j}:{graph.node[j].op_type}" for j in cycle[first:] + cycle[:first]]
+
+
+def _node_deps(graph: onnx.GraphProto) -> list[set[int]]:
+    """For each node, the indices of the nodes in this graph that produce its inputs."""
     producers = {}
     for i, node in enumerate(graph.node):
         for out in node.output:
             if out:
                 producers[out] = i
-    deps = [{producers[x] for x in node.input if x in producers} for node in graph.node]
-    users: list[list[int]] = [[] for _ in graph.node]
+    return [{producers[x] for x in node.input if x in producers} for node in graph.node]
+
+
+def _unsortable(deps: list[set[int]]) -> set[int]:
+    """Nodes Kahn's algorithm cannot order: those on a cycle or downstream of one."""
+    users: list[list[int]] = [[] for _ in deps]
     for i, d in enumerate(deps):
         for j in d:
             users[j].append(i)
     pending = [len(d) for d in deps]
     ready = [i for i, n in enumerate(pending) if n == 0]
-    done = 0
     while ready:
-        i = ready.pop()
-        done += 1
-        for u in users[i]:
+        for u in users[ready.pop()]:
             pending[u] -= 1
             if pending[u] == 0:
                 ready.append(u)
-    if done == len(graph.node):
-        return []
-    return [graph.node[i].name or f"#{i}:{graph.node[i].op_type}" for i, n in enumerate(pending) if n][:8]
+    return {i for i, n in enumerate(pending) if n}
 
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:

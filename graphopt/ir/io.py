@@ -1,16 +1,16 @@
 """Safe loading and atomic saving of ONNX models.
 
-Model files are untrusted. `load` validates before it allocates: every initializer's declared
-size against its data, external-data paths against the model's folder, opset domains, and the
-graph for cycles. Any problem is one `ModelError` naming the file, the node and what is wrong.
+Model files are untrusted. `load` validates before it allocates: every tensor's declared size
+against its data, external-data paths against the model's folder, opset domains, and the graph
+for cycles. Any problem is one `ModelError` naming the file, the node or tensor and what is wrong.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
@@ -19,44 +19,45 @@ from onnx import external_data_helper
 from graphopt.ir.errors import ModelError
 from graphopt.ir.graph import constant_nodes_to_initializers, export, find_cycle, skeleton
 
-# Domains onnxruntime implements; a node from any other domain cannot run anywhere we target.
+# Domains ONNX defines and those onnxruntime adds; a node from any other domain cannot run
+# anywhere we target.
 KNOWN_DOMAINS = frozenset({
-    "", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft",
+    "", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training", "com.microsoft",
     "com.microsoft.nchwc", "com.microsoft.experimental", "com.ms.internal.nhwc",
 })
 # Above this the protobuf cannot hold the weights inline.
 PROTOBUF_LIMIT = 2**31 - 1
 # A single tensor larger than this is not a model we can hold in memory; refuse before allocating.
 MAX_TENSOR_BYTES = 1 << 36
+# A cycle longer than this is shortened in the error message.
+CYCLE_NODES_SHOWN = 8
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and validate an ONNX file, with its external data; raise ModelError if unsafe or malformed."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise ModelError(path, "file is empty")
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as e:
-        raise ModelError(path, f"not an ONNX model (protobuf parse failed: {e})") from None
+    model = _parse(path)
     _check_header(path, model)
     _check_domains(path, model)
     for graph in _all_graphs(model.graph):
-        for tensor in _graph_tensors(graph):
-            _check_tensor(path, tensor, graph.name)
-    _check_acyclic(path, model.graph)
+        for tensor, node in _graph_tensors(graph):
+            _check_tensor(path, tensor, node)
+        _check_acyclic(path, graph)
+    # Loaded before the checker, which would look for attribute tensors' files in the working
+    # directory; every location and size was checked above, so this reads only what was declared.
+    _load_external_data(path, model)
     _check_schema(path, model)
-    if any(external_data_helper.uses_external_data(t) for t in _all_tensors(model)):
-        external_data_helper.load_external_data_for_model(model, str(path.parent.resolve()))
     return model
 
 
 def load(path: str | os.PathLike) -> gs.Graph:
     """Load a validated model as a `gs.Graph`, with Constant-node weights turned into initializers."""
-    graph = gs.import_onnx(load_model(path))
-    constant_nodes_to_initializers(graph)
+    model = load_model(path)
+    try:
+        graph = gs.import_onnx(model)
+        constant_nodes_to_initializers(graph)
+    except Exception as e:  # noqa: BLE001 - graphsurgeon has no error type; the file is still at fault
+        raise ModelError(path, f"cannot import the graph ({type(e).__name__}: {e})") from None
     return graph
 
 
@@ -66,21 +67,51 @@ def save(model: onnx.ModelProto | gs.Graph, path: str | os.PathLike) -> Path:
     Models over 2 GB get their weights in `<name>.data` beside the model, renamed into place
     before the model so a reader never sees a model whose data is missing.
     """
-    if isinstance(model, gs.Graph):
-        model = export(model)
+    proto = export(model) if isinstance(model, gs.Graph) else model
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
-        if model.ByteSize() > PROTOBUF_LIMIT - (1 << 20):
-            data_name = path.name + ".data"
-            onnx.save_model(model, str(staged), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        if proto.ByteSize() > PROTOBUF_LIMIT - (1 << 20):
+            # onnx moves the weights out of the proto it writes; the caller's model stays whole.
+            _save_external(proto if proto is not model else _copy(proto), staged)
+            data = staged.with_name(path.name + ".data")
+            if data.exists():  # absent when no tensor reached onnx's size threshold
+                os.replace(data, path.with_name(data.name))
         else:
-            onnx.save_model(model, str(staged))
+            onnx.save_model(proto, str(staged))
         os.replace(staged, path)
     return path
+
+
+def _save_external(model: onnx.ModelProto, staged: Path) -> None:
+    onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=staged.name + ".data", size_threshold=1024)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelError(path, "no such file")
+    if not path.is_file():
+        raise ModelError(path, "not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ModelError(path, f"cannot read the file ({e.strerror})") from None
+    if not data:
+        raise ModelError(path, "file is empty")
+    try:
+        # Always binary: onnx.load_model would pick a text or JSON parser from the file's extension.
+        return onnx.load_model_from_string(data, format="protobuf")
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelError(path, f"not an ONNX model, or a truncated one (protobuf parse failed: {e})"
+                         ) from None
 
 
 def _check_header(path: Path, model: onnx.ModelProto) -> None:
@@ -92,35 +123,57 @@ def _check_header(path: Path, model: onnx.ModelProto) -> None:
         raise ModelError(path, "model declares no opset_import")
 
 
+def _domain(name: str) -> str:
+    # ONNX spells the default domain both "" and "ai.onnx".
+    return "" if name == "ai.onnx" else name
+
+
 def _check_domains(path: Path, model: onnx.ModelProto) -> None:
-    imported = {o.domain for o in model.opset_import}
+    imported = {_domain(o.domain) for o in model.opset_import}
     local = {f.domain for f in model.functions}
     for o in model.opset_import:
         if o.domain not in KNOWN_DOMAINS and o.domain not in local:
             raise ModelError(path, f"unknown opset domain '{o.domain}' (known: "
-                             f"{', '.join(sorted(d or 'ai.onnx' for d in KNOWN_DOMAINS))})")
+                             f"{', '.join(sorted({d or 'ai.onnx' for d in KNOWN_DOMAINS}))})")
     for graph in _all_graphs(model.graph):
         for node in graph.node:
-            if node.domain not in imported and not (node.domain == "ai.onnx" and "" in imported):
+            if _domain(node.domain) not in imported:
                 raise ModelError(path, f"op {node.op_type} uses domain '{node.domain}' "
                                  "which the model does not import", node.name or node.op_type)
 
 
-def _check_tensor(path: Path, t: onnx.TensorProto, owner: str) -> None:
-    label = f"initializer '{t.name}'" if t.name else f"tensor in {owner}"
+def _check_tensor(path: Path, t: onnx.TensorProto, node: onnx.NodeProto | None) -> None:
+    """Check one tensor's declared size against its data; `node` holds it as an attribute, if any."""
+    if isinstance(t.name, bytes):
+        # protobuf hands back strings that are not valid UTF-8 as bytes.
+        raise ModelError(path, f"tensor name {t.name!r} is not valid UTF-8",
+                         None if node is None else node.name)
+    if node is None:
+        return _check_tensor_data(path, t, f"initializer '{t.name}'")
+    try:
+        _check_tensor_data(path, t, f"tensor '{t.name}'" if t.name else f"{node.op_type} attribute tensor")
+    except ModelError as e:
+        # Named by its node, since a Constant's value tensor usually has no name of its own.
+        raise ModelError(path, e.what, node.name or node.op_type) from None
+
+
+def _check_tensor_data(path: Path, t: onnx.TensorProto, label: str) -> None:
     if any(d < 0 for d in t.dims):
         raise ModelError(path, f"{label} has negative dims {list(t.dims)}")
-    count = int(np.prod(t.dims, dtype=object)) if t.dims else 1
-    if t.data_type in (onnx.TensorProto.UNDEFINED,) or t.data_type not in onnx.TensorProto.DataType.values():
+    if t.data_type not in onnx.TensorProto.DataType.values() or t.data_type == onnx.TensorProto.UNDEFINED:
         raise ModelError(path, f"{label} has invalid data type {t.data_type}")
+    count = math.prod(t.dims)
+    external = external_data_helper.uses_external_data(t)
     if t.data_type == onnx.TensorProto.STRING:
+        if external:
+            raise ModelError(path, f"{label} keeps strings in external data, which ONNX does not allow")
         if len(t.string_data) != count:
             raise ModelError(path, f"{label} declares {count} strings but holds {len(t.string_data)}")
         return
     nbytes = _declared_nbytes(t, count)
     if nbytes > MAX_TENSOR_BYTES:
         raise ModelError(path, f"{label} declares {nbytes} bytes, over the {MAX_TENSOR_BYTES}-byte limit")
-    if external_data_helper.uses_external_data(t):
+    if external:
         _check_external(path, t, label, nbytes)
     elif t.HasField("raw_data"):
         if len(t.raw_data) != nbytes:
@@ -128,51 +181,100 @@ def _check_tensor(path: Path, t: onnx.TensorProto, owner: str) -> None:
                              f"but holds {len(t.raw_data)} bytes")
     else:
         held = len(getattr(t, onnx.helper.tensor_dtype_to_field(t.data_type)))
-        expected = count * (2 if t.data_type in _COMPLEX else 1)
-        if held != expected and not _packed_matches(t, count, held):
+        if held not in _expected_values(t, count):
             raise ModelError(path, f"{label} declares shape {list(t.dims)} ({count} elements) "
                              f"but holds {held} values")
 
 
 _COMPLEX = (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
-_SUBBYTE = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
-            if hasattr(onnx.TensorProto, n)}
+# Bits per element of the types that raw_data stores packed, several to a byte.
+_PACKED_BITS = {getattr(onnx.TensorProto, n): bits for n, bits in (
+    ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
+    ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)) if hasattr(onnx.TensorProto, n)}
 
 
 def _declared_nbytes(t: onnx.TensorProto, count: int) -> int:
-    if t.data_type in _SUBBYTE:
-        return (count + 1) // 2
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return count * itemsize
+    bits = _PACKED_BITS.get(t.data_type)
+    if bits:
+        return -(-count * bits // 8)
+    return count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def _packed_matches(t: onnx.TensorProto, count: int, held: int) -> bool:
-    # Sub-byte types pack two values per int32_data entry.
-    return t.data_type in _SUBBYTE and held == (count + 1) // 2
+def _expected_values(t: onnx.TensorProto, count: int) -> tuple[int, ...]:
+    bits = _PACKED_BITS.get(t.data_type)
+    if bits in (2, 4):
+        # int32_data packs these a byte per entry; one value per entry is accepted as well.
+        return (-(-count * bits // 8), count)
+    return (count * (2 if t.data_type in _COMPLEX else 1),)
 
 
 def _check_external(path: Path, t: onnx.TensorProto, label: str, nbytes: int) -> None:
     info = {e.key: e.value for e in t.external_data}
+    if any(isinstance(x, bytes) for x in (*info, *info.values())):
+        raise ModelError(path, f"{label} has external data fields that are not valid UTF-8")
     location = info.get("location", "")
-    root = path.parent.resolve()
-    target = (root / location).resolve()
-    if not location or os.path.isabs(location) or not target.is_relative_to(root):
-        raise ModelError(path, f"{label} has external data at '{location}', outside the model's folder")
-    if not target.is_file():
-        raise ModelError(path, f"{label} has external data file '{location}' which does not exist")
-    offset = int(info.get("offset", 0) or 0)
-    length = int(info.get("length", nbytes) or nbytes)
+    target = _external_file(path, label, location)
+    size = target.stat().st_size
+    offset = _external_int(path, label, info, "offset", 0)
+    # onnx reads to the end of the file when no length is given.
+    length = _external_int(path, label, info, "length", max(size - offset, 0))
     if length != nbytes:
-        raise ModelError(path, f"{label} declares {nbytes} bytes but its external data length is {length}")
-    if offset < 0 or offset + length > target.stat().st_size:
+        raise ModelError(path, f"{label} declares {nbytes} bytes but its external data in "
+                         f"'{location}' is {length} bytes")
+    if offset + length > size:
         raise ModelError(path, f"{label} reads bytes {offset}..{offset + length} of '{location}', "
-                         f"which has {target.stat().st_size}")
+                         f"past its end at {size}")
+
+
+def _external_file(path: Path, label: str, location: str) -> Path:
+    if not location:
+        raise ModelError(path, f"{label} has external data with no location")
+    root = path.parent.resolve()
+    try:
+        # resolve() follows symlinks, so a link pointing outside the folder is refused too.
+        target = (root / location).resolve()
+    except (OSError, ValueError, RuntimeError):
+        raise ModelError(path, f"{label} has an invalid external data location {location!r}") from None
+    if os.path.isabs(location) or not target.is_relative_to(root):
+        raise ModelError(path, f"{label} has external data at '{location}', outside the model's folder")
+    if (root / location).is_symlink():
+        # onnx refuses to read through a link even when it stays inside the folder.
+        raise ModelError(path, f"{label} has external data at '{location}', which is a symbolic link")
+    if not target.exists():
+        raise ModelError(path, f"{label} has external data file '{location}' which does not exist")
+    if not target.is_file():
+        raise ModelError(path, f"{label} has external data at '{location}', which is not a file")
+    return target
+
+
+def _external_int(path: Path, label: str, info: dict[str, str], key: str, default: int) -> int:
+    if key not in info:
+        return default
+    try:
+        value = int(info[key])
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ModelError(path, f"{label} has an invalid external data {key} {info[key]!r}")
+    return value
+
+
+def _load_external_data(path: Path, model: onnx.ModelProto) -> None:
+    if not any(external_data_helper.uses_external_data(t) for t in _all_tensors(model)):
+        return
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent.resolve()))
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:
+        # onnx checks each path again as it opens it; only a file changed since ours gets here.
+        raise ModelError(path, f"cannot read external data ({e})") from None
 
 
 def _check_acyclic(path: Path, graph: onnx.GraphProto) -> None:
     cycle = find_cycle(graph)
     if cycle:
-        raise ModelError(path, f"graph has a cycle through nodes {' -> '.join(cycle)}", cycle[0])
+        shown = cycle[:CYCLE_NODES_SHOWN] + (["..."] if len(cycle) > CYCLE_NODES_SHOWN else [])
+        raise ModelError(path, f"graph '{graph.name}' has a cycle: {' -> '.join(shown)} -> {cycle[0]}",
+                         cycle[0])
 
 
 def _check_schema(path: Path, model: onnx.ModelProto) -> None:
@@ -182,6 +284,9 @@ def _check_schema(path: Path, model: onnx.ModelProto) -> None:
         first = str(e).strip().splitlines()[0]
         node = _node_named_in(str(e))
         raise ModelError(path, f"fails the ONNX checker: {first}", node) from None
+    except UnicodeDecodeError:
+        # The checker quotes the offending name, which protobuf let through undecoded.
+        raise ModelError(path, "fails the ONNX checker on a name that is not valid UTF-8") from None
 
 
 def _node_named_in(message: str) -> str | None:
@@ -204,15 +309,19 @@ def _all_graphs(graph: onnx.GraphProto):
 
 
 def _graph_tensors(graph: onnx.GraphProto):
-    yield from graph.initializer
+    """(tensor, the node holding it as an attribute or None for an initializer)."""
+    for t in graph.initializer:
+        yield t, None
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
+                yield attr.t, node
             elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
+                for t in attr.tensors:
+                    yield t, node
 
 
 def _all_tensors(model: onnx.ModelProto):
     for graph in _all_graphs(model.graph):
-        yield from _graph_tensors(graph)
+        for t, _ in _graph_tensors(graph):
+            yield t

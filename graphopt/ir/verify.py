@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.ir.graph import export, infer_shapes, skeleton
+from graphopt.ir.graph import export, infer_shapes, np_dtype, skeleton
 
 TOPOSORTED = "TOPOSORTED"
 SHAPES_INFERRED = "SHAPES_INFERRED"
@@ -59,7 +59,8 @@ def _unique_names(graph: gs.Graph) -> list[str]:
     producers: dict[str, int] = {}
     for n in graph.nodes:
         for t in n.outputs:
-            producers[t.name] = producers.get(t.name, 0) + 1
+            if t.name:  # "" marks an omitted optional output, not a name
+                producers[t.name] = producers.get(t.name, 0) + 1
     return dups + [f"tensor '{k}' is produced {v} times" for k, v in producers.items() if v > 1]
 
 
@@ -96,7 +97,7 @@ class Signature:
     @classmethod
     def of(cls, graph: gs.Graph) -> "Signature":
         def describe(tensors):
-            return tuple((t.name, None if t.dtype is None else np.dtype(t.dtype).name,
+            return tuple((t.name, None if t.dtype is None else np_dtype(t.dtype).name,
                           None if t.shape is None else tuple(t.shape)) for t in tensors)
         return cls(describe(graph.inputs), describe(graph.outputs))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.ir.errors import PipelineError
@@ -66,7 +67,9 @@ def LOSSY(metric: str, bound: float) -> Semantics:  # noqa: N802
 @dataclass(frozen=True)
 class PassInfo:
     semantics: Semantics = EXACT
-    opset: tuple[int, int] = (7, 23)
+    # Opset 7 dropped Dropout's is_test and BatchNormalization's spatial quirks; the top is what
+    # the installed onnx knows, so a newer model is refused rather than misread.
+    opset: tuple[int, int] = (7, onnx.defs.onnx_opset_version())
     requires: frozenset = frozenset()
     ensures: frozenset = frozenset()
     idempotent: bool = True

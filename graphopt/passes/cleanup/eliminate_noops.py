@@ -12,10 +12,9 @@ Verified by: tests/passes/cleanup/test_eliminate_noops.py against onnxruntime.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.ir.graph import const_value, is_graph_output, static_shape
+from graphopt.ir.graph import const_value, is_graph_output, np_dtype, static_shape
 from graphopt.ir.verify import SHAPES_INFERRED
 from graphopt.passes.base import EXACT, PassInfo, RewritePass
 from graphopt.pattern import Any, Const, MatchResult, Op, Rewriter, Rule, replacement_refusal
@@ -46,7 +45,7 @@ def match_dropout(node, graph):
 
 def match_cast(node, graph):
     src = node.inputs[0].dtype
-    if src is None or np.dtype(src) != np.dtype(onnx_dtype(node.attrs["to"])):
+    if src is None or np_dtype(src) != np_dtype(node.attrs["to"]):
         return MatchResult.no_match()
     return _passthrough(node, graph)
 
@@ -109,10 +108,6 @@ def match_reshape_pair(node, graph):
 def skip_inner_reshape(rw: Rewriter, node: gs.Node, m: MatchResult) -> None:
     rw.set_input(node, 0, m["x"])
     rw.remove(m["inner"])
-
-
-def onnx_dtype(code: int) -> np.dtype:
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(code))
 
 
 class EliminateNoops(RewritePass):

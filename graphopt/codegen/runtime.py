@@ -1,0 +1,153 @@
+"""Load a library that `graphopt.codegen.compile` exported and run it on numpy arrays.
+
+    lib = load("out/model.x86.so")
+    logits = lib(x)                      # one output: an array; several: a dict name -> array
+    outputs = lib.run({"x": x})          # always a dict
+    ms = lib.benchmark({"x": x})         # median latency in milliseconds
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from graphopt.codegen import manifest
+from graphopt.codegen.targets import host_arch, tvm_error_summary
+from graphopt.ir.errors import CodegenError, DataError
+
+# ELF e_machine values of the architectures we build for.
+_ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
+
+
+class CompiledModel:
+    """A compiled library with the manifest that describes it, ready to run on its device."""
+
+    def __init__(self, library: Path, model: dict, entry: dict):
+        import tvm
+        from tvm import relax
+
+        self.library, self.entry = library, entry
+        self.inputs: list[dict] = model["inputs"]
+        self.outputs: list[dict] = model["outputs"]
+        self.device = _device(entry["device"], library)
+        try:
+            module = tvm.runtime.load_module(str(library))
+            self._main = relax.VirtualMachine(module, self.device)["main"]
+        except Exception as e:  # noqa: BLE001 - TVM raises many unrelated types
+            raise CodegenError(f"{library}: TVM cannot load the library: {tvm_error_summary(e)}") from e
+
+    def __call__(self, *arrays: np.ndarray, **feeds: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        """Inputs by position, by name, or both; the only output, or a dict when there are several."""
+        if len(arrays) > len(self.inputs):
+            raise DataError(f"{len(arrays)} inputs given; the model takes {len(self.inputs)} "
+                            f"({', '.join(self.input_names)})")
+        positional = dict(zip(self.input_names, arrays))
+        twice = sorted(set(positional) & set(feeds))
+        if twice:
+            raise DataError(f"input {', '.join(twice)} given both by position and by name")
+        outputs = self.run({**positional, **feeds})
+        return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once; outputs by name, as numpy arrays on the host."""
+        result = self._main(*self._to_device(feeds))
+        values = [result] if len(self.outputs) == 1 else list(result)
+        return {spec["name"]: value.numpy() for spec, value in zip(self.outputs, values)}
+
+    def benchmark(self, feeds: Mapping[str, np.ndarray], repeat: int = 100, warmup: int = 10) -> float:
+        """Median latency of one run in milliseconds, inputs already on the device, outputs left there."""
+        if repeat < 1:
+            raise ValueError("repeat must be at least 1")
+        arguments = self._to_device(feeds)
+        for _ in range(warmup):
+            self._main(*arguments)
+        self.device.sync()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self._main(*arguments)
+            self.device.sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec["name"] for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec["name"] for spec in self.outputs]
+
+    def _to_device(self, feeds: Mapping[str, np.ndarray]) -> list:
+        import tvm
+
+        missing = [n for n in self.input_names if n not in feeds]
+        unknown = sorted(set(feeds) - set(self.input_names))
+        if missing or unknown:
+            raise DataError(f"inputs do not match the model: missing {missing or 'none'}, unknown "
+                            f"{unknown or 'none'} (inputs: {', '.join(self.input_names)})")
+        return [tvm.runtime.tensor(_checked(spec, feeds[spec["name"]]), self.device) for spec in self.inputs]
+
+    def __repr__(self) -> str:
+        return f"CompiledModel({str(self.library)!r}, target={self.entry['target']!r})"
+
+
+def load(path: str | os.PathLike) -> CompiledModel:
+    """Load a library, or the only library of an output folder, with the manifest beside it."""
+    library = _library(Path(path))
+    model, entry = manifest.describe(library)
+    _check_architecture(library)
+    return CompiledModel(library, model, entry)
+
+
+def _library(path: Path) -> Path:
+    if path.is_dir():
+        described = manifest.describe_folder(path)
+        if len(described) != 1:
+            choices = ", ".join(described) or "none"
+            raise CodegenError(f"{path} holds {len(described)} libraries ({choices}); load one of them by path")
+        return path / described[0]
+    if not path.is_file():
+        raise CodegenError(f"{path}: no such library")
+    return path
+
+
+def _check_architecture(library: Path) -> None:
+    """A clear error instead of the dynamic loader's when the library is for another CPU."""
+    with library.open("rb") as f:
+        header = f.read(20)
+    if header[:4] != b"\x7fELF":
+        raise CodegenError(f"{library}: not an ELF shared library")
+    machine = int.from_bytes(header[18:20], "little")
+    arch = _ELF_MACHINES.get(machine, f"ELF machine {machine}")
+    if arch != host_arch():
+        raise CodegenError(f"{library} is built for {arch}, and this machine is {host_arch()}; run it "
+                           f"on {arch} (or under qemu-{arch} with an {arch} Python and TVM)")
+
+
+def _device(kind: str, library: Path):
+    import tvm
+
+    if kind == "cpu":
+        return tvm.cpu(0)
+    if kind == "cuda":
+        device = tvm.cuda(0)
+        if not device.exist:
+            raise CodegenError(f"{library} runs on CUDA, and TVM finds no CUDA device here")
+        return device
+    raise CodegenError(f"{library}: the manifest names device '{kind}', which graphopt cannot run")
+
+
+def _checked(spec: dict, value) -> np.ndarray:
+    array = np.asarray(value)
+    if str(array.dtype) != spec["dtype"]:
+        raise DataError(f"input '{spec['name']}' is {array.dtype}, the model takes {spec['dtype']} "
+                        f"(convert with .astype(np.{spec['dtype']}))")
+    if list(array.shape) != spec["shape"]:
+        raise DataError(f"input '{spec['name']}' has shape {list(array.shape)}; the library was built "
+                        f"for {spec['shape']} (rebuild with other `shapes` to change it)")
+    return np.ascontiguousarray(array)

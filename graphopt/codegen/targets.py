@@ -1,0 +1,203 @@
+"""Named compilation targets: TVM target dicts, the device a library runs on, and its linker.
+
+TVM 0.27 takes targets only as JSON dicts (`{"kind": "llvm", "mcpu": ...}`); the old
+`"llvm -mcpu=..."` strings raise. A `Target` also says how its library is linked: the host C
+compiler for the build machine's own architecture, otherwise a cross linker (the Debian cross g++
+when installed, else `zig cc` from the `ziglang` pip package).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from graphopt.ir.errors import CodegenError
+
+DEFAULT_CUDA_ARCH = "sm_80"
+# Portable x86: runs on any x86-64 CPU, unlike `x86`, which uses every feature of the build machine.
+GENERIC_X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}
+_ARM = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+_ARM_DOTPROD = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
+_CUDA_ARCH = re.compile(r"sm_\d{2,3}[a-z]?")
+# platform.machine() spellings -> the architecture part of a target triple.
+_MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+# Kinds the runtime can run, and the device each runs on.
+_DEVICES = {"llvm": "cpu", "cuda": "cuda"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved target.
+
+    `tvm` is the TVM JSON target dict; `host` the dict for the host side of a device target (CUDA
+    launch code); `cross` describes the cross linker when the library is not for this machine's
+    architecture (None when the host C compiler links it); `device` is "cpu" or "cuda".
+    """
+
+    name: str
+    tvm: dict
+    host: dict | None
+    cross: str | None
+    device: str
+
+    def tvm_target(self):
+        """The `tvm.target.Target` for `tvm.compile`."""
+        import tvm
+
+        return tvm.target.Target(self.tvm, host=self.host) if self.host else tvm.target.Target(self.tvm)
+
+
+NAMES = ("x86", "x86-64", "arm", "arm-dotprod", "cuda")
+
+
+def resolve(name: str, cuda_arch: str | None = None) -> Target:
+    """Resolve a target name, or a raw JSON target dict given as a string.
+
+    `x86` detects the build machine's CPU (its `mcpu`): the library uses every feature found
+    (AVX-512, VNNI, ...) and runs only on CPUs that have them; `x86-64` is generic. `arm` is aarch64
+    with NEON, `arm-dotprod` adds the int8 dot-product instructions. `cuda` compiles for
+    `cuda_arch` ("sm_80" unless given), with generic x86-64 host code. Raises CodegenError for an
+    unknown name, a bad JSON target, or an aarch64 target with no cross linker installed.
+    """
+    if cuda_arch is not None and name != "cuda":
+        raise CodegenError(f"--cuda-arch {cuda_arch} applies only to the cuda target, not '{name}'")
+    if name.lstrip().startswith("{"):
+        return _from_json(name)
+    if name == "x86":
+        return _cpu_target(name, _detect_host())
+    if name == "x86-64":
+        return _cpu_target(name, dict(GENERIC_X86))
+    if name == "arm":
+        return _cpu_target(name, dict(_ARM))
+    if name == "arm-dotprod":
+        return _cpu_target(name, dict(_ARM_DOTPROD))
+    if name == "cuda":
+        return _cuda_target(cuda_arch or DEFAULT_CUDA_ARCH)
+    raise CodegenError(f"unknown target '{name}': use one of {', '.join(NAMES)}, "
+                       'or a TVM target as JSON, e.g. \'{"kind": "llvm", "mcpu": "skylake-avx512"}\'')
+
+
+def _cpu_target(name: str, tvm_dict: dict) -> Target:
+    return Target(name, tvm_dict, None, _cross_description(_triple_arch(tvm_dict)), "cpu")
+
+
+def _cuda_target(arch: str) -> Target:
+    if not _CUDA_ARCH.fullmatch(arch):
+        raise CodegenError(f"CUDA architecture '{arch}' is not of the form sm_XY (e.g. sm_80, sm_90a)")
+    host = dict(GENERIC_X86)
+    return Target("cuda", {"kind": "cuda", "arch": arch}, host, _cross_description("x86_64"), "cuda")
+
+
+def _from_json(text: str) -> Target:
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CodegenError(f"target is not valid JSON ({e.msg} at column {e.colno}): {text}") from None
+    if not isinstance(spec, dict) or spec.get("kind") not in _DEVICES:
+        raise CodegenError(f"a JSON target must be an object whose \"kind\" is one of "
+                           f"{', '.join(_DEVICES)}: {text}")
+    host = spec.pop("host", None)
+    _validate(spec, host, text)
+    cpu = host or spec
+    if spec["kind"] == "cuda" and host is None:
+        host = dict(GENERIC_X86)
+        cpu = host
+    digest = hashlib.sha256(json.dumps([spec, host], sort_keys=True).encode()).hexdigest()[:8]
+    return Target(f"custom-{digest}", spec, host, _cross_description(_triple_arch(cpu)),
+                  _DEVICES[spec["kind"]])
+
+
+def _validate(spec: dict, host: dict | None, text: str) -> None:
+    import tvm
+
+    try:
+        tvm.target.Target(spec, host=host) if host else tvm.target.Target(spec)
+    except Exception as e:  # noqa: BLE001 - TVM raises several unrelated types for a bad target
+        raise CodegenError(f"TVM rejects the target {text}: {tvm_error_summary(e)}") from None
+
+
+def _detect_host() -> dict:
+    import tvm
+
+    arch = host_arch()
+    if arch != "x86_64":
+        raise CodegenError(f"target x86 detects this machine's CPU, but this machine is {arch}; "
+                           "use x86-64 for a generic x86 build")
+    found = tvm.target.Target.from_device(tvm.cpu()).export()
+    # The triple TVM reports is its own build's (e.g. x86_64-conda-linux-gnu); say what we link.
+    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": str(found["mcpu"])}
+
+
+def tvm_error_summary(e: BaseException) -> str:
+    """The line of a TVM error that says what is wrong: its last one (the rest is a C++ backtrace)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def host_arch() -> str:
+    """This machine's architecture as a triple spells it (x86_64, aarch64)."""
+    machine = platform.machine().lower()
+    return _MACHINES.get(machine, machine)
+
+
+def _triple_arch(tvm_dict: dict) -> str:
+    triple = tvm_dict.get("mtriple")
+    return triple.split("-")[0] if triple else host_arch()
+
+
+def _cross_description(arch: str) -> str | None:
+    """None when the host compiler links `arch`; otherwise the cross linker that will."""
+    if arch == host_arch():
+        return None
+    return " ".join(_linker_command(arch)[0])
+
+
+def fcompile(target: Target) -> Callable:
+    """The `fcompile` for `export_library`: links the objects TVM wrote into one shared library."""
+    arch = _triple_arch(target.host or target.tvm)
+    command, triple = _linker_command(arch)
+    return _Linker(command, triple)
+
+
+def _linker_command(arch: str) -> tuple[list[str], str]:
+    triple = f"{arch}-linux-gnu"
+    if arch == host_arch():
+        from tvm.support import cc
+
+        native = cc.get_cc()
+        if native:
+            return [native], triple
+    elif shutil.which(f"{triple}-g++"):
+        return [f"{triple}-g++"], triple
+    if importlib.util.find_spec("ziglang") is not None:
+        # sys.executable: the ziglang package lives in this interpreter's environment.
+        return [sys.executable, "-m", "ziglang", "cc", "-target", triple], triple
+    apt = "g++" if arch == host_arch() else f"g++-{arch.replace('_', '-')}-linux-gnu"
+    raise CodegenError(f"no linker for {triple} libraries: install one with `pip install ziglang` "
+                       f"or `apt-get install {apt}`")
+
+
+class _Linker:
+    """Called by `export_library` as fcompile(output, objects, options)."""
+
+    output_format = "so"
+
+    def __init__(self, command: Sequence[str], triple: str):
+        self.command, self.triple = list(command), triple
+
+    def get_target_triple(self) -> str:
+        return self.triple
+
+    def __call__(self, output: str, objects: Sequence[str], options: Sequence[str] | None = None) -> None:
+        cmd = [*self.command, "-shared", "-fPIC", "-o", output, *(options or ()), *objects]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CodegenError(f"linking {output} failed ({' '.join(self.command)} exited with "
+                               f"{proc.returncode}):\n{(proc.stdout + proc.stderr).strip()}")

@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphopt import codegen
+from graphopt.ir import ort
+from graphopt.ir.errors import CodegenError, DataError
+from graphopt.testing.check import rng_array
+from graphopt.testing.tiny import model, node
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def two_outputs():
+    nodes = [node("MatMul", ["x", "w"], ["h"]), node("Relu", ["h"], ["relu"]), node("Sigmoid", ["h"], ["sig"])]
+    return model(nodes, {"x": ("N", 4)}, {"relu": None, "sig": None}, {"w": rng_array((4, 3), 1)})
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    result = codegen.compile(two_outputs(), "x86-64", tmp_path_factory.mktemp("two"), name="two")
+    return codegen.load(result.library)
+
+
+def test_several_outputs_come_back_by_name(lib):
+    x = rng_array((1, 4), 2)
+    reference = ort.run(two_outputs(), {"x": x})
+    for outputs in (lib(x), lib(x=x), lib.run({"x": x})):
+        assert set(outputs) == {"relu", "sig"}
+        for name, value in outputs.items():
+            np.testing.assert_allclose(value, reference[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda lib: lib(np.zeros((1, 4), np.float64)), "float64, the model takes float32"),
+    (lambda lib: lib(np.zeros((2, 4), np.float32)), r"built for \[1, 4\]"),
+    (lambda lib: lib.run({"y": np.zeros((1, 4), np.float32)}), "missing.*unknown"),
+    (lambda lib: lib(np.zeros((1, 4), np.float32), x=np.zeros((1, 4), np.float32)), "both"),
+])
+def test_inputs_are_checked(lib, call, message):
+    with pytest.raises(DataError, match=message):
+        call(lib)
+
+
+def test_benchmark_returns_a_median_in_ms(lib):
+    ms = lib.benchmark({"x": rng_array((1, 4), 2)}, repeat=5, warmup=1)
+    assert 0 < ms < 1000
+
+
+def test_load_a_folder_with_one_library(lib):
+    assert codegen.load(lib.library.parent).library == lib.library
+
+
+def test_library_for_another_cpu_is_refused(tmp_path):
+    result = codegen.compile(MODELS / "digits_cnn.onnx", "arm", tmp_path)
+    with pytest.raises(CodegenError, match="built for aarch64"):
+        codegen.load(result.library)
+
+
+def test_library_without_manifest(tmp_path, lib):
+    copy = tmp_path / lib.library.name
+    copy.write_bytes(lib.library.read_bytes())
+    with pytest.raises(CodegenError, match="no manifest.json"):
+        codegen.load(copy)
+
+
+def test_cuda_library_needs_a_device(tmp_path):
+    import tvm
+
+    if tvm.cuda(0).exist:
+        pytest.skip("a CUDA device is present")
+    result = codegen.compile(MODELS / "digits_cnn.onnx", "cuda", tmp_path)
+    with pytest.raises(CodegenError, match="no CUDA device"):
+        codegen.load(result.library)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_onnxruntime(tmp_path):
+    digits = np.load(MODELS / "digits_test.npz")
+    result = codegen.compile(MODELS / "digits_cnn.onnx", "cuda", tmp_path,
+                             shapes={"x": list(digits["x"].shape)})
+    logits = codegen.load(result.library)(digits["x"])
+    reference = ort.run(str(MODELS / "digits_cnn.onnx"), {"x": digits["x"]})["logits"]
+    assert np.abs(logits - reference).max() < 1e-3
+    assert (logits.argmax(1) == reference.argmax(1)).all()

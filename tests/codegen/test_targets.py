@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from graphopt.codegen import targets
+from graphopt.codegen.targets import fcompile, resolve
+from graphopt.ir.errors import CodegenError
+
+
+def test_named_targets():
+    assert resolve("x86").tvm["mcpu"] not in ("", "x86-64")  # the build machine's CPU, detected
+    assert resolve("x86-64").tvm == {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}
+    arm = resolve("arm")
+    assert (arm.tvm["mtriple"], arm.tvm["mattr"], arm.device) == ("aarch64-linux-gnu", ["+neon"], "cpu")
+    assert "+dotprod" in resolve("arm-dotprod").tvm["mattr"]
+    cuda = resolve("cuda")
+    assert (cuda.tvm, cuda.device, cuda.host["kind"]) == ({"kind": "cuda", "arch": "sm_80"}, "cuda", "llvm")
+    assert resolve("cuda", cuda_arch="sm_90a").tvm["arch"] == "sm_90a"
+
+
+def test_unknown_target_lists_the_names():
+    with pytest.raises(CodegenError, match="unknown target 'riscv'.*x86, x86-64, arm, arm-dotprod, cuda"):
+        resolve("riscv")
+
+
+@pytest.mark.parametrize("name, arch, message", [
+    ("cuda", "80", "sm_XY"),
+    ("x86", "sm_80", "only to the cuda target"),
+])
+def test_bad_cuda_arch(name, arch, message):
+    with pytest.raises(CodegenError, match=message):
+        resolve(name, cuda_arch=arch)
+
+
+def test_raw_json_target():
+    spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+fullfp16"]}
+    target = resolve(json.dumps(spec))
+    assert target.tvm == spec and target.device == "cpu" and target.name.startswith("custom-")
+    assert target.cross is not None  # aarch64 from an x86 machine needs the cross linker
+    assert resolve(json.dumps(spec)).name == target.name  # the name is stable, for the file name
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{nope", "not valid JSON"),
+    ('{"kind": "metal"}', "kind"),
+    ('{"kind": "llvm", "mcpu": 3}', "TVM rejects"),
+])
+def test_bad_json_target(text, message):
+    with pytest.raises(CodegenError, match=message):
+        resolve(text)
+
+
+def test_missing_cross_linker_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(targets.shutil, "which", lambda name: None)
+    monkeypatch.setattr(targets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(CodegenError, match=r"pip install ziglang.*apt-get install g\+\+-aarch64-linux-gnu"):
+        resolve("arm")
+
+
+def test_cross_linker_prefers_debian_gcc(monkeypatch):
+    monkeypatch.setattr(targets.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert fcompile(resolve("arm")).command == ["aarch64-linux-gnu-g++"]
