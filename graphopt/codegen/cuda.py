@@ -8,12 +8,13 @@ in the library instead, so the device needs only its driver.
 
 How: `export_library` serialises the module tree into one blob (`__tvm_ffi__library_bin`) and
 lets the caller pack it (`fpack_imports`, the hook TVM's Hexagon exporter uses). We take TVM's
-blob, swap each CUDA module's payload from ("cuda", source) to ("fatbin", binary), and emit the
-blob as C. The CUDA runtime loads a "fatbin" payload with cuModuleLoadData, as it does the cubin
-TVM writes itself when built with CUDA.
+blob, swap each CUDA module's payload from ("cuda", source) to ("fatbin", binary), and link the
+blob in as a read-only symbol. TVM's CUDA runtime hands any payload but "cuda" straight to
+cuModuleLoadData, which takes a fatbin as it takes the cubin TVM writes when built with CUDA.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -67,10 +68,12 @@ def fatbin_packer(executable, target) -> Callable:
         if is_system_lib or symbol_prefix:
             raise CodegenError("embedding CUDA device code supports shared libraries only")
         blob = tvm.get_global_func("runtime.ModulePackImportsToTensor")(module).numpy().tobytes()
-        path = os.path.join(workspace_dir, "devc.c")
-        symbol = tvm.get_global_func("runtime.ModuleImportsBlobName")()
+        data = os.path.join(workspace_dir, "devc.bin")
+        with open(data, "wb") as f:
+            f.write(_replace_cuda_payloads(blob, binaries))
+        path = os.path.join(workspace_dir, "devc.s")
         with open(path, "w") as f:
-            f.write(_c_array(symbol, _replace_cuda_payloads(blob, binaries)))
+            f.write(_assembly(tvm.get_global_func("runtime.ModuleImportsBlobName")(), data))
         return path
 
     return pack
@@ -94,7 +97,8 @@ def _nvcc(source: str, target) -> bytes:
             return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=arch, compiler="nvcc"))
     except RuntimeError as e:
         log = str(e).split("Compilation error:", 1)[-1].strip()
-        raise CodegenError(f"nvcc could not compile the generated CUDA for {target.arch}:\n{log}") from None
+        raise CodegenError(f"nvcc could not compile the generated CUDA for {target.arch} (`nvcc "
+                           f"--list-gpu-arch` lists the architectures it supports):\n{log}") from None
 
 
 def _replace_cuda_payloads(blob: bytes, binaries: dict[str, bytes]) -> bytes:
@@ -138,12 +142,12 @@ def _string(data: bytes) -> bytes:
     return _U64.pack(len(data)) + data
 
 
-def _c_array(symbol: str, data: bytes) -> str:
-    rows = (",".join(str(b) for b in data[i:i + 40]) for i in range(0, len(data), 40))
-    return (f"#ifdef __cplusplus\nextern \"C\" {{\n#endif\n"
-            f"extern const unsigned char {symbol}[];\n"
-            f"const unsigned char {symbol}[{len(data)}] = {{\n" + ",\n".join(rows) + "\n};\n"
-            f"#ifdef __cplusplus\n}}\n#endif\n")
+def _assembly(symbol: str, data_path: str) -> str:
+    """The blob as an exported read-only symbol. Assembly with .incbin rather than a C array: the
+    blob holds the model's weights, and a C initialiser of that size takes the compiler minutes."""
+    return (f"  .section .rodata\n  .globl {symbol}\n  .type {symbol}, @object\n  .balign 16\n"
+            f"{symbol}:\n  .incbin {json.dumps(data_path)}\n  .size {symbol}, . - {symbol}\n"
+            "  .section .note.GNU-stack,\"\",@progbits\n")
 
 
 class _Reader:

@@ -19,6 +19,9 @@ from graphopt.codegen import manifest
 from graphopt.codegen.targets import host_arch, tvm_error_summary
 from graphopt.ir.errors import CodegenError, DataError
 
+# A library built where nvcc was missing compiles its CUDA source when loaded.
+_SOURCE_HINT = ("; it carries CUDA source, which loading compiles with NVRTC: `pip install cuda-bindings`, "
+                "or rebuild it where nvcc is on PATH to embed compiled device code")
 # ELF e_machine values of the architectures we build for.
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 
@@ -38,7 +41,8 @@ class CompiledModel:
             module = tvm.runtime.load_module(str(library))
             self._main = relax.VirtualMachine(module, self.device)["main"]
         except Exception as e:  # noqa: BLE001 - TVM raises many unrelated types
-            raise CodegenError(f"{library}: TVM cannot load the library: {tvm_error_summary(e)}") from e
+            hint = _SOURCE_HINT if entry.get("cuda_device_code") == "source" else ""
+            raise CodegenError(f"{library}: TVM cannot load the library: {tvm_error_summary(e)}{hint}") from e
 
     def __call__(self, *arrays: np.ndarray, **feeds: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         """Inputs by position, by name, or both; the only output, or a dict when there are several."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 # Initializers with more elements than this are left out of skeletons: checking and shape inference
 # read only their dims, and copying 100 MB of weights per pass would dominate the pass time.
@@ -14,6 +15,22 @@ SKELETON_MAX_ELEMENTS = 4096
 def export(graph: gs.Graph) -> onnx.ModelProto:
     """gs.Graph -> ModelProto; intermediate tensors need no declared types."""
     return gs.export_onnx(graph, do_type_check=False)
+
+
+def constant_values(name: str, values) -> np.ndarray | LazyValues:
+    """Values a `gs.Constant` can export. graphsurgeon writes numpy arrays as raw bytes, which
+    cannot hold strings, so string tensors are kept as a TensorProto."""
+    if isinstance(values, LazyValues):
+        return values
+    arr = np.asarray(values)
+    if arr.dtype.kind in "OUS":
+        return LazyValues(numpy_helper.from_array(arr.astype(object), name))
+    return np.asarray(arr, order="C")  # np.ascontiguousarray would make a scalar 1-D
+
+
+def constant_nbytes(tensor: gs.Constant) -> int:
+    """Bytes a constant holds, without unpacking lazily loaded (possibly sub-byte) values."""
+    return int(tensor._values.nbytes)  # both numpy arrays and LazyValues know their size
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
@@ -86,10 +103,10 @@ def constant_nodes_to_initializers(graph: gs.Graph) -> int:
     return converted
 
 
-def _constant_attr_value(node: gs.Node) -> np.ndarray | None:
+def _constant_attr_value(node: gs.Node) -> np.ndarray | LazyValues | None:
     a = node.attrs
     if isinstance(a.get("value"), gs.Constant):
-        return np.asarray(a["value"].values)
+        return a["value"]._values  # as loaded: a string or sub-byte tensor must not go through numpy
     scalars = {"value_float": np.float32, "value_int": np.int64}
     lists = {"value_floats": np.float32, "value_ints": np.int64}
     for key, dtype in scalars.items():
@@ -167,10 +184,27 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def skeleton_of(graph: gs.Graph) -> onnx.ModelProto:
+    """`skeleton(export(graph))` without exporting the weights it would throw away.
+
+    graphsurgeon's copy shares weight arrays, so turning the copy's large constants into typed
+    inputs costs nothing, and the export then copies the structure only.
+    """
+    light = graph.copy()
+    inputs = {id(t) for t in light.inputs}
+    for t in list(light.tensors().values()):
+        if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) > SKELETON_MAX_ELEMENTS:
+            t.to_variable(dtype=t.dtype, shape=list(t.shape))
+            t.type = "tensor_type"  # graphsurgeon leaves a converted constant without a type kind
+            if id(t) not in inputs:
+                light.inputs.append(t)
+    return export(light)
+
+
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
     """Fill dtypes and shapes of the graph's variables by ONNX shape inference (with data propagation)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(export(graph)), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton_of(graph), data_prop=True)
     except onnx.shape_inference.InferenceError:
         # Strict inference fails on some valid graphs; a partial answer is still useful.
         return graph

@@ -15,9 +15,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.ir.errors import ModelError
-from graphopt.ir.graph import constant_nodes_to_initializers, export, find_cycle, skeleton
+from graphopt.ir import stream
+from graphopt.ir.graph import constant_nbytes, constant_nodes_to_initializers, export, find_cycle, skeleton
 
 # Domains ONNX defines and those onnxruntime adds; a node from any other domain cannot run
 # anywhere we target.
@@ -56,9 +58,24 @@ def load(path: str | os.PathLike) -> gs.Graph:
     try:
         graph = gs.import_onnx(model)
         constant_nodes_to_initializers(graph)
+        _detach_from_proto(graph)
     except Exception as e:  # noqa: BLE001 - graphsurgeon has no error type; the file is still at fault
         raise ModelError(path, f"cannot import the graph ({type(e).__name__}: {e})") from None
     return graph
+
+
+def _detach_from_proto(graph: gs.Graph) -> None:
+    """Let the parsed file be freed: graphsurgeon keeps the opset entries and the weights as views
+    of the loaded ModelProto, which would keep a second copy of every weight alive."""
+    graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains or []]
+    for t in graph.tensors().values():
+        # Other types (strings, sub-byte, float8) would not export as they came; they stay protos.
+        if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and t._values.tensor.data_type in _NATIVE:
+            t.values = t._values.load()
+
+
+_NATIVE = frozenset(getattr(onnx.TensorProto, n) for n in (
+    "FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "BOOL"))
 
 
 def save(model: onnx.ModelProto | gs.Graph, path: str | os.PathLike) -> Path:
@@ -67,11 +84,15 @@ def save(model: onnx.ModelProto | gs.Graph, path: str | os.PathLike) -> Path:
     Models over 2 GB get their weights in `<name>.data` beside the model, renamed into place
     before the model so a reader never sees a model whose data is missing.
     """
-    proto = export(model) if isinstance(model, gs.Graph) else model
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
+        if isinstance(model, gs.Graph) and _weight_bytes(model) < PROTOBUF_LIMIT - (1 << 24):
+            stream.write(model, staged)
+            os.replace(staged, path)
+            return path
+        proto = export(model) if isinstance(model, gs.Graph) else model
         if proto.ByteSize() > PROTOBUF_LIMIT - (1 << 20):
             # onnx moves the weights out of the proto it writes; the caller's model stays whole.
             _save_external(proto if proto is not model else _copy(proto), staged)
@@ -82,6 +103,10 @@ def save(model: onnx.ModelProto | gs.Graph, path: str | os.PathLike) -> Path:
             onnx.save_model(proto, str(staged))
         os.replace(staged, path)
     return path
+
+
+def _weight_bytes(graph: gs.Graph) -> int:
+    return sum(constant_nbytes(t) for t in graph.tensors().values() if isinstance(t, gs.Constant))
 
 
 def _save_external(model: onnx.ModelProto, staged: Path) -> None:

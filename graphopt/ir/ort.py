@@ -22,7 +22,7 @@ def session(model: onnx.ModelProto | gs.Graph | str | os.PathLike, optimize: boo
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures are re-raised with onnxruntime's message
     if threads:
         opts.intra_op_num_threads = threads
     if isinstance(model, gs.Graph):

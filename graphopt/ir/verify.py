@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.ir.graph import export, infer_shapes, np_dtype, skeleton
+from graphopt.ir.graph import infer_shapes, np_dtype, skeleton_of
 
 TOPOSORTED = "TOPOSORTED"
 SHAPES_INFERRED = "SHAPES_INFERRED"
@@ -66,7 +66,7 @@ def _unique_names(graph: gs.Graph) -> list[str]:
 
 def _checker(graph: gs.Graph) -> list[str]:
     try:
-        onnx.checker.check_model(skeleton(export(graph)))
+        onnx.checker.check_model(skeleton_of(graph))
     except onnx.checker.ValidationError as e:
         return [str(e).strip().splitlines()[0]]
     return []

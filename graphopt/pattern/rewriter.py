@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir.graph import is_graph_input, is_graph_output, unique_name
+from graphopt.ir.graph import constant_values, is_graph_input, is_graph_output, unique_name
 
 
 def replacement_refusal(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> str | None:
@@ -39,7 +39,8 @@ class Rewriter:
         return unique_name(self._names, prefix)
 
     def constant(self, prefix: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.name(prefix), np.ascontiguousarray(values))
+        name = self.name(prefix)
+        return gs.Constant(name, constant_values(name, values))
 
     def variable(self, prefix: str, dtype=None, shape=None) -> gs.Variable:
         return gs.Variable(self.name(prefix), dtype=dtype, shape=shape)
@@ -92,7 +93,7 @@ class Rewriter:
         self.changes += 1
 
     def set_values(self, tensor: gs.Constant, values: np.ndarray) -> None:
-        tensor.values = np.ascontiguousarray(values)
+        tensor.values = constant_values(tensor.name, values)
         self.changes += 1
 
     def fold(self, node: gs.Node, values: list[np.ndarray]) -> None:
@@ -100,7 +101,7 @@ class Rewriter:
         outputs = list(node.outputs)
         node.outputs.clear()
         for tensor, value in zip(outputs, values):
-            tensor.to_constant(np.asarray(value))
+            tensor.to_constant(constant_values(tensor.name, value))
         node.inputs.clear()
         self.changes += 1
 

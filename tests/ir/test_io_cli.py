@@ -129,4 +129,5 @@ def test_valid_external_data_model_optimizes(model, tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["model.opt.onnx", "report.json"]
     out = onnx.load(str(tmp_path / "out" / "model.opt.onnx"))
-    np.testing.assert_array_equal(numpy_helper.to_array(out.graph.initializer[0]), weights)
+    by_name = {t.name: t for t in out.graph.initializer}
+    np.testing.assert_array_equal(numpy_helper.to_array(by_name["W"]), weights)

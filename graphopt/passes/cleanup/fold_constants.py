@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import ort
-from graphopt.ir.graph import export, is_graph_output, static_shape
+from graphopt.ir.graph import constant_nbytes, export, is_graph_output, static_shape
 from graphopt.ir.verify import SHAPES_INFERRED, TOPOSORTED
 from graphopt.passes.base import EXACT, Pass, PassContext, PassInfo, PassResult
 from graphopt.pattern import Rewriter
@@ -63,7 +63,8 @@ class FoldConstants(Pass):
             outs = [values.get(t.name) for t in node.outputs]
             if any(v is None for v in outs):
                 continue
-            growth = sum(v.nbytes for v in outs) - sum(t.values.nbytes for t in node.inputs if isinstance(t, gs.Constant))
+            growth = sum(v.nbytes for v in outs) - sum(
+                constant_nbytes(t) for t in node.inputs if isinstance(t, gs.Constant))
             if growth > self.options.max_growth_bytes:
                 refused[node.name] = f"result would grow the model by {growth} bytes"
                 continue
