@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -26,6 +27,42 @@ from graphopt.report import format_summary, summarize, write_json
 MODEL_NAME = "model.opt.onnx"
 
 
+class ProgressBar:
+    """A progress callback (done, total) drawn on stderr: redrawn in place on a terminal, a line
+    per tenth otherwise (logs stay short)."""
+
+    def __init__(self, label: str):
+        self.label, self.start, self.shown = label, time.perf_counter(), -1
+
+    def __call__(self, done: int, total: int) -> None:
+        total = max(total, 1)
+        elapsed = time.perf_counter() - self.start
+        if sys.stderr.isatty():
+            filled = int(30 * min(done, total) / total)
+            print(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {elapsed:.0f}s",
+                  end="", file=sys.stderr, flush=True)
+        elif 10 * done // total > self.shown:
+            self.shown = 10 * done // total
+            print(f"{self.label}: {done}/{total} ({elapsed:.0f}s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+def cmd_tune(args) -> int:
+    from graphopt import deploy
+
+    target = _target(args)
+    graph = io.load(args.model)
+    bar = None if args.quiet else ProgressBar("tuning")
+    result = deploy.tune_for_target(graph, target, Path(args.db), args.trials, args.tune_seconds, bar)
+    if bar:
+        bar.close()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 class Progress(Instrument):
     """One line per pass on stderr: what is running, then how long it took."""
 
@@ -39,47 +76,105 @@ class Progress(Instrument):
 
 
 def cmd_optimize(args) -> int:
+    spec = Pipeline.load(args.pipeline) if args.pipeline else Pipeline.parse(args.passes)
+    return _job(args, spec, write_model=True)
+
+
+def cmd_compile(args) -> int:
+    return _job(args, Pipeline([]), write_model=False)
+
+
+def _job(args, pipeline: Pipeline, write_model: bool) -> int:
+    """Passes, then (with --target) tuning and compilation; all outputs appear together or not at all."""
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
-        raise GraphoptError(f"{out_dir}: -o names a file; give a folder for model.opt.onnx and report.json")
-    target = (out_dir / MODEL_NAME).resolve()
-    if target == Path(args.model).resolve():
-        raise GraphoptError(f"{args.model}: output {target} would overwrite the input model")
-    spec = Pipeline.load(args.pipeline) if args.pipeline else Pipeline.parse(args.passes)
-    result = optimize(args.model, spec, data=args.data, verify=not args.no_verify,
-                      instruments=() if args.quiet else (Progress(),), seed=args.seed)
-    _write_outputs(result, out_dir, args)
+        raise GraphoptError(f"{out_dir}: -o names a file; give a folder for the outputs")
+    if (out_dir / MODEL_NAME).resolve() == Path(args.model).resolve():
+        raise GraphoptError(f"{args.model}: output {out_dir / MODEL_NAME} would overwrite the input model")
+    target = _target(args)
+    result = optimize(args.model, pipeline, data=args.data, verify=not args.no_verify,
+                      instruments=() if args.quiet or not pipeline else (Progress(),), seed=args.seed)
+    _write_outputs(result, out_dir, args, target, write_model)
     if not args.quiet:
         _print_report(result.report, out_dir)
-    if args.explain:
+    if getattr(args, "explain", False):
         for line in _refusals(result.report["passes"]):
             print(line)
     return 0
 
 
-def _write_outputs(result, out_dir: Path, args) -> None:
-    """Stage both files in a temporary folder beside OUTDIR, then move them in: a failure leaves
-    no partial output."""
+def _target(args):
+    if not args.target:
+        if args.tune:
+            raise GraphoptError("--tune needs --target")
+        return None
+    from graphopt import codegen
+
+    return codegen.resolve(args.target, args.cuda_arch)
+
+
+def _write_outputs(result, out_dir: Path, args, target, write_model: bool) -> None:
+    """Stage every output in a temporary folder beside OUTDIR, then move them in: a failure
+    leaves no partial output."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         staged = Path(tmp)
-        io.save(result.graph, staged / MODEL_NAME)
-        report = dict(result.report, model=str(args.model), output=str(out_dir / MODEL_NAME))
-        report["after"]["file_bytes"] = (staged / MODEL_NAME).stat().st_size
+        report = dict(result.report, model=str(args.model))
+        if write_model:
+            io.save(result.graph, staged / MODEL_NAME)
+            report["output"] = str(out_dir / MODEL_NAME)
+            report["after"]["file_bytes"] = (staged / MODEL_NAME).stat().st_size
+        if target is not None:
+            report.update(_codegen(result, target, staged, out_dir, args))
         write_json(report, staged / "report.json")
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in os.listdir(staged):
             os.replace(staged / name, out_dir / name)
+        result.report = report
+
+
+def _codegen(result, target, staged: Path, out_dir: Path, args) -> dict:
+    from graphopt import deploy
+
+    if (out_dir / "manifest.json").exists():  # keep the entries of libraries built for other targets
+        shutil.copy(out_dir / "manifest.json", staged / "manifest.json")
+    sections = {}
+    database = Path(args.db) if args.db else (out_dir / "tuning-db" if args.tune else None)
+    if args.tune:
+        bar = None if args.quiet else ProgressBar("tuning")
+        sections["tuning"] = deploy.tune_for_target(result.graph, target, database, args.trials,
+                                                    args.tune_seconds, bar)
+        if bar:
+            bar.close()
+    section = deploy.build_for_target(result.graph, target, staged, result.feeds, result.reference, database)
+    section["library"] = str(out_dir / Path(section["library"]).name)
+    section["manifest"] = str(out_dir / "manifest.json")
+    sections["codegen"] = section
+    return sections
 
 
 def _print_report(report: dict, out_dir: Path) -> None:
     b, a = report["before"], report["after"]
-    print(f"{'':12}{'before':>16}{'after':>16}")
+    print(f"{'':14}{'before':>16}{'after':>16}")
     for key in ("params", "size_bytes", "macs", "nodes"):
-        print(f"{key:12}{b[key]:>16,}{a[key]:>16,}")
+        print(f"{key:14}{b[key]:>16,}{a[key]:>16,}")
+    if "latency_ms" in report:
+        lat = report["latency_ms"]["onnxruntime"]
+        print(f"{'ORT ms':14}{lat['before']:>16.4f}{lat['after']:>16.4f}")
     for name, f in report["fidelity"]["outputs"].items():
-        print(f"fidelity {name}: max_abs={f['max_abs']:.3g} cosine={f['cosine']:.6f} sqnr={f['sqnr_db']:.1f} dB")
-    print(f"wrote {out_dir / MODEL_NAME} and {out_dir / 'report.json'}")
+        print(f"fidelity {name}: {_metrics(f)}")
+    cg = report.get("codegen")
+    if cg:
+        print(f"library {cg['library']} ({cg['target']}, built in {cg['build_seconds']:.1f}s)")
+        for name, f in cg.get("fidelity", {}).items():
+            print(f"library fidelity {name}: {_metrics(f)}; latency {cg['latency_ms']:.4f} ms")
+        if "not_run" in cg:
+            print(f"library not run: {cg['not_run']}")
+    print(f"wrote {', '.join(sorted(os.listdir(out_dir)))} in {out_dir}")
+
+
+def _metrics(f: dict) -> str:
+    return f"max_abs={f['max_abs']:.3g} cosine={f['cosine']:.6f} sqnr={f['sqnr_db']:.1f} dB"
 
 
 def _refusals(records: list[dict]):
@@ -144,6 +239,19 @@ def _labels(data) -> np.ndarray | None:
         return z["y"] if "y" in z.files else None
 
 
+def _target_options(p: argparse.ArgumentParser, required: bool = False, db_required: bool = False) -> None:
+    g = p.add_argument_group("code generation (Apache TVM)")
+    g.add_argument("--target", required=required, metavar="T",
+                   help="x86 (this CPU), x86-64 (generic), arm (aarch64+NEON), arm-dotprod, cuda, or a JSON target dict")
+    g.add_argument("--cuda-arch", metavar="sm_XX", help="CUDA architecture for --target cuda (default sm_80)")
+    if not db_required:
+        g.add_argument("--tune", action="store_true", help="tune with MetaSchedule before compiling")
+    g.add_argument("--db", required=db_required, metavar="DIR",
+                   help="tuning database folder, reused across runs (default with --tune: OUTDIR/tuning-db)")
+    g.add_argument("--trials", type=int, default=64, help="tuning trial budget (default 64)")
+    g.add_argument("--tune-seconds", type=float, metavar="S", help="tuning wall-clock budget")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphopt", description="Compress ONNX models with verified graph passes.")
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
@@ -161,7 +269,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip checker, invariants and fidelity checks between passes")
     p.add_argument("--explain", action="store_true", help="print why each refused rewrite was refused")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    _target_options(p)
     p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("compile", help="compile a model with TVM for a target (no passes); writes the library, "
+                                       "manifest.json and report.json")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    p.add_argument("--data", metavar="FILE", help="inputs to check the library against onnxruntime")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-verify", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-q", "--quiet", action="store_true")
+    _target_options(p, required=True)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule into a reusable database")
+    p.add_argument("model")
+    p.add_argument("-q", "--quiet", action="store_true")
+    _target_options(p, required=True, db_required=True)
+    p.set_defaults(func=cmd_tune, tune=True)
 
     p = sub.add_parser("inspect", help="ops, parameters, size, MACs per layer, inputs and outputs")
     p.add_argument("model")

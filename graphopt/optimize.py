@@ -23,19 +23,24 @@ FIDELITY_SAMPLES = 256
 class Optimized:
     graph: gs.Graph
     report: dict
+    feeds: dict[str, np.ndarray]      # the inputs fidelity was measured on
+    reference: dict[str, np.ndarray]  # the original model's outputs on them
 
 
 def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pipeline = "canonicalize",
              data: str | os.PathLike | dict[str, np.ndarray] | None = None, verify: bool = True,
-             instruments: tuple[Instrument, ...] = (), seed: int = 0) -> Optimized:
+             instruments: tuple[Instrument, ...] = (), seed: int = 0, latency: bool = True) -> Optimized:
     """Run `passes` on `model` (a path or a graph, which is not modified) and report sizes, MACs,
-    per-pass stats and fidelity against the original in onnxruntime."""
+    per-pass stats, fidelity against the original in onnxruntime and, when asked, onnxruntime
+    latency before and after (one sample, median of 20 runs)."""
     graph = io.load(model) if isinstance(model, (str, os.PathLike)) else model.copy()
     pipeline = Pipeline.parse(passes) if isinstance(passes, str) else Pipeline(passes)
     feeds = _feeds(graph, data, seed)
     # Measured before the passes run, so no copy of the original weights is kept.
     reference = ort.run(graph, feeds)
     before = summarize(infer_shapes(graph))
+    sample = one_sample(graph, feeds)
+    latency_before = ort.latency_ms(graph, sample) if latency else None
     checks = (FidelityInstrument(reference, feeds),) if verify else ()
     records = PassManager(pipeline, verify=verify, instruments=checks + tuple(instruments)).run(
         graph, PassContext(feeds=feeds, seed=seed, verify=verify))
@@ -49,7 +54,20 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
         "fidelity": {"inputs": "data" if data is not None else f"random (seed {seed})",
                      "outputs": {k: v.as_dict() for k, v in measured.items()}},
     }
-    return Optimized(graph, report)
+    if latency:
+        report["latency_ms"] = {"onnxruntime": {"before": round(latency_before, 4),
+                                                "after": round(ort.latency_ms(graph, sample), 4)}}
+    return Optimized(graph, report, feeds, reference)
+
+
+def one_sample(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The first sample of each input whose batch dimension is symbolic; static inputs as they are."""
+    out = {}
+    for spec in input_specs(graph):
+        value = feeds[spec.name]
+        symbolic = spec.shape and not isinstance(spec.shape[0], (int, np.integer))
+        out[spec.name] = value[:1] if symbolic and value.ndim else value
+    return out
 
 
 def _feeds(graph: gs.Graph, data, seed: int) -> dict[str, np.ndarray]:

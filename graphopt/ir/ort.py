@@ -56,3 +56,21 @@ def run(model, feeds: dict[str, np.ndarray], **session_kwargs) -> dict[str, np.n
     except Exception as e:  # noqa: BLE001 - as above
         raise GraphoptError(f"onnxruntime failed to run the model: {str(e).strip().splitlines()[0]}") from None
     return dict(zip(names, results))
+
+
+def latency_ms(model, feeds: dict[str, np.ndarray], repeat: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one run, with onnxruntime's own graph optimisations on (as deployed)."""
+    import statistics
+    import time
+
+    sess = session(model, optimize=True)
+    wanted = {i.name for i in sess.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in wanted}
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)

@@ -1,0 +1,74 @@
+"""Compile an optimized graph for a target with TVM, and measure the library where it can run.
+
+The library's outputs are compared with onnxruntime on the original model (fidelity) and timed
+beside onnxruntime (latency). Libraries for another architecture or for a GPU this machine lacks
+are built but not run; the report says why.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import codegen
+from graphopt.codegen.targets import Target, host_arch
+from graphopt.ir import fidelity
+
+# Fidelity of a static batch-1 library is measured on at most this many samples, one at a time.
+MAX_SAMPLES = 64
+
+
+def build_for_target(graph: gs.Graph, target: Target, out_dir: str | os.PathLike,
+                     feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                     database: str | os.PathLike | None = None) -> dict:
+    """Compile `graph` into `out_dir` and return the report's `codegen` section."""
+    result = codegen.compile(graph, target, out_dir, database=database)
+    entry = next(iter(result.manifest["libraries"].values())) if "libraries" in result.manifest else {}
+    section = {"target": target.name, "tvm_target": target.tvm, "library": str(result.library),
+               "manifest": str(result.manifest_path), "build_seconds": round(result.seconds, 3),
+               "cuda_device_code": entry.get("cuda_device_code")}
+    reason = _cannot_run_here(target)
+    if reason:
+        section["not_run"] = reason
+        return section
+    lib = codegen.load(result.library)
+    batches = _batches(lib, feeds)
+    runs = [lib.run(b) for b in batches]
+    outputs = {name: np.concatenate([r[name] for r in runs]) for name in runs[0]}
+    ref = {k: v[:len(outputs[k])] for k, v in reference.items()}
+    section["fidelity"] = {k: m.as_dict() for k, m in fidelity.compare(ref, outputs).items()}
+    section["latency_ms"] = round(lib.benchmark(batches[0], repeat=50), 4)
+    return section
+
+
+def _cannot_run_here(target: Target) -> str | None:
+    if target.device == "cuda":
+        return "built for CUDA; this machine has no GPU to run it on"
+    triple = target.tvm.get("mtriple")
+    arch = triple.split("-")[0] if triple else host_arch()
+    if arch != host_arch():
+        return f"built for {arch}; this machine is {host_arch()} (tools/arm_env.py runs aarch64 emulated)"
+    return None
+
+
+def _batches(lib: codegen.CompiledModel, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The feeds cut into the library's static batch size, at most MAX_SAMPLES pieces."""
+    first = lib.inputs[0]
+    size = first["shape"][0] if first["shape"] else 0
+    data = feeds[first["name"]]
+    if not size or data.ndim == 0 or data.shape[0] == size:
+        return [{s["name"]: feeds[s["name"]] for s in lib.inputs}]
+    count = min(data.shape[0] // size, MAX_SAMPLES)
+    return [{s["name"]: feeds[s["name"]][i * size:(i + 1) * size] for s in lib.inputs} for i in range(count)]
+
+
+def tune_for_target(graph: gs.Graph, target: Target, database: str | os.PathLike, trials: int,
+                    seconds: float | None, progress: Callable[[int, int], None] | None) -> dict:
+    """Tune with MetaSchedule into `database` and return the report's `tuning` section."""
+    from graphopt.codegen import tune
+
+    result = tune.tune(graph, target, database, trials=trials, seconds=seconds, progress=progress)
+    return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in vars(result).items()}
+
