@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+
+
+def graphopt(*args):
+    return subprocess.run([sys.executable, "-m", "graphopt.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_optimize_for_x86_reports_library_fidelity_and_latency(tmp_path):
+    r = graphopt("optimize", DIGITS, "--target", "x86", "-o", tmp_path, "--data", ROOT / "models" / "digits_test.npz")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    cg = report["codegen"]
+    assert Path(cg["library"]) == tmp_path / "model.x86.so" and (tmp_path / "model.x86.so").is_file()
+    assert cg["fidelity"]["logits"]["cosine"] > 0.999999 and cg["fidelity"]["logits"]["max_abs"] < 1e-4
+    assert cg["latency_ms"] > 0 and report["latency_ms"]["onnxruntime"]["after"] > 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert "model.x86.so" in manifest["libraries"]
+
+
+def test_compile_for_arm_builds_but_does_not_run_here(tmp_path):
+    r = graphopt("compile", DIGITS, "--target", "arm", "-o", tmp_path, "-q")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "model.arm.so").read_bytes()[18] == 183  # ELF e_machine: aarch64
+    assert not (tmp_path / "model.opt.onnx").exists()
+    assert "aarch64" in json.loads((tmp_path / "report.json").read_text())["codegen"]["not_run"]
+
+
+def test_unknown_target_fails_before_any_work(tmp_path):
+    r = graphopt("optimize", DIGITS, "--target", "riscv", "-o", tmp_path / "out")
+    assert r.returncode != 0 and "riscv" in r.stderr and "x86" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_tune_needs_a_target(tmp_path):
+    r = graphopt("optimize", DIGITS, "--tune", "-o", tmp_path / "out")
+    assert r.returncode != 0 and "--tune needs --target" in r.stderr
