@@ -22,7 +22,7 @@ from graphopt.optimize import optimize
 from graphopt.passes import registry
 from graphopt.passes.manager import Instrument
 from graphopt.passes.pipeline import Pipeline
-from graphopt.report import format_summary, summarize, write_json
+from graphopt.report import format_summary, summarize, write_html, write_json
 
 MODEL_NAME = "model.opt.onnx"
 
@@ -127,6 +127,7 @@ def _write_outputs(result, out_dir: Path, args, target, write_model: bool) -> No
         if target is not None:
             report.update(_codegen(result, target, staged, out_dir, args))
         write_json(report, staged / "report.json")
+        write_html(report, staged / "report.html")
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in os.listdir(staged):
             os.replace(staged / name, out_dir / name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from html import escape
 from collections import Counter
 from pathlib import Path
 
@@ -113,3 +114,49 @@ def format_summary(summary: dict) -> str:
         for layer in summary["layers"]:
             lines.append(f"{layer['name']:<{width}}  {layer['op']:<18} {layer['params']:>12,} {layer['macs']:>14,}")
     return "\n".join(lines)
+
+
+def write_html(report: dict, path: Path) -> None:
+    """A one-page, dependency-free view of report.json."""
+    parts = [f"<h1>graphopt report: {escape(str(report.get('model', '')))}</h1>",
+             f"<p>pipeline: <code>{escape(report.get('pipeline') or '(none)')}</code></p>",
+             _table(["", "before", "after"], [[k, f"{report['before'][k]:,}", f"{report['after'][k]:,}"]
+                                             for k in ("params", "size_bytes", "macs", "nodes")])]
+    if "latency_ms" in report:
+        lat = report["latency_ms"]["onnxruntime"]
+        parts.append(_table(["onnxruntime latency (ms)", "before", "after"],
+                            [["one sample, median", f"{lat['before']:.4f}", f"{lat['after']:.4f}"]]))
+    parts.append("<h2>Passes</h2>" + _table(
+        ["pass", "modified", "seconds", "stats"],
+        [[p["name"], str(p["modified"]), f"{p['seconds']:.3f}",
+          f"<pre>{escape(json.dumps(p['stats'], indent=1, default=_jsonable))}</pre>"] for p in report["passes"]],
+        raw_last=True))
+    parts.append("<h2>Fidelity vs the original (onnxruntime)</h2>" + _fidelity(report["fidelity"]["outputs"]))
+    codegen = report.get("codegen")
+    if codegen:
+        parts.append(f"<h2>Library: {escape(codegen['target'])}</h2><p>{escape(codegen['library'])}, "
+                     f"built in {codegen['build_seconds']:.1f} s</p>")
+        if "fidelity" in codegen:
+            parts.append(_fidelity(codegen["fidelity"]) + f"<p>latency {codegen['latency_ms']:.4f} ms</p>")
+        if "not_run" in codegen:
+            parts.append(f"<p>not run: {escape(codegen['not_run'])}</p>")
+    style = "body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px 8px}" \
+            "table{border-collapse:collapse;margin:1em 0}pre{margin:0;font-size:11px}"
+    html = f"<!doctype html><meta charset=utf-8><title>graphopt report</title><style>{style}</style>" + "".join(parts)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(html)
+    tmp.replace(path)
+
+
+def _fidelity(outputs: dict) -> str:
+    return _table(["output", "max abs error", "cosine", "SQNR (dB)"],
+                  [[name, f"{f['max_abs']:.3g}", f"{f['cosine']:.6f}", f"{f['sqnr_db']:.1f}"]
+                   for name, f in outputs.items()])
+
+
+def _table(header: list[str], rows: list[list[str]], raw_last: bool = False) -> str:
+    def cells(row, tag):
+        return "".join(f"<{tag}>{c if raw_last and i == len(row) - 1 else escape(c)}</{tag}>"
+                       for i, c in enumerate(row))
+    body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)
+    return f"<table><tr>{cells(header, 'th')}</tr>{body}</table>"

@@ -34,6 +34,8 @@ def test_optimize_then_verify_digits(tmp_path):
     assert report["after"]["macs"] == report["before"]["macs"] > 0
     assert report["fidelity"]["outputs"]["logits"]["cosine"] > 0.999999
     assert "[1/1] canonicalize" in r.stderr
+    html = (out / "report.html").read_text()
+    assert "<h2>Passes</h2>" in html and "canonicalize" in html and "fold-batchnorm" in html
 
     v = graphopt("verify", DIGITS, out / "model.opt.onnx", "--data", TEST_DATA, "--min-cosine", 0.999999)
     assert v.returncode == 0, v.stderr
