@@ -157,8 +157,11 @@ def _codegen(result, target, staged: Path, out_dir: Path, args) -> dict:
 def _print_report(report: dict, out_dir: Path) -> None:
     b, a = report["before"], report["after"]
     print(f"{'':14}{'before':>16}{'after':>16}")
-    for key in ("params", "size_bytes", "macs", "nodes"):
-        print(f"{key:14}{b[key]:>16,}{a[key]:>16,}")
+    for key in ("params", "size_bytes", "compressed_bytes", "macs", "nodes"):
+        if b.get(key) is not None and a.get(key) is not None:
+            print(f"{key:14}{b[key]:>16,}{a[key]:>16,}")
+    if "sparsity" in a:
+        print(f"{'sparsity':14}{b['sparsity']:>16.3f}{a['sparsity']:>16.3f}")
     if "latency_ms" in report:
         lat = report["latency_ms"]["onnxruntime"]
         print(f"{'ORT ms':14}{lat['before']:>16.4f}{lat['after']:>16.4f}")
@@ -230,6 +233,31 @@ def cmd_verify(args) -> int:
     if args.min_cosine is not None and worst < args.min_cosine:
         print(f"cosine {worst:.6f} is below --min-cosine {args.min_cosine}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    from graphopt.passes import sensitivity
+    from graphopt.report import format_sensitivity
+
+    pipeline = Pipeline.parse(args.pass_spec)
+    layerwise = [c.name for c in registry.BUILTIN if hasattr(c, "apply_layer")]
+    if len(pipeline) != 1 or not hasattr(pipeline[0], "apply_layer"):
+        raise PipelineError(f"--pass takes one pass that works per layer ({', '.join(layerwise)}), "
+                            f"not {args.pass_spec!r}")
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        raise PipelineError(f"--ratios {args.ratios!r}: give fractions separated by commas, e.g. 0.25,0.5,0.75"
+                            ) from None
+    graph = io.load(args.model)
+    specs = input_specs(graph)
+    feeds = load_feeds(args.data, specs) if args.data else random_feeds(specs, args.seed)
+    bar = None if args.json or args.quiet else ProgressBar("sensitivity")
+    table = sensitivity.analyze_pass(graph, pipeline[0], ratios, feeds, _labels(args.data), bar)
+    if bar:
+        bar.close()
+    print(json.dumps(table.as_dict(), indent=2) if args.json else format_sensitivity(table.as_dict()))
     return 0
 
 
@@ -305,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-cosine", type=float, help="exit 1 if any output's cosine similarity is lower")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("sensitivity", help="apply a pass to one layer at a time at several ratios and "
+                                           "measure fidelity (and accuracy)")
+    p.add_argument("model")
+    p.add_argument("--data", metavar="FILE", help="inputs (.npz or .npy folder); an npz with y also gives "
+                                                  "accuracy (default: random inputs)")
+    p.add_argument("--pass", dest="pass_spec", default="prune-magnitude", metavar="SPEC",
+                   help="the pass, with options, e.g. \"prune-magnitude(prune_bias=true)\" (default prune-magnitude)")
+    p.add_argument("--ratios", default="0.25,0.5,0.75", help="ratios to measure (default 0.25,0.5,0.75)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs when no --data is given")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sensitivity)
     return parser
 
 

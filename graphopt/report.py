@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from html import escape
 from collections import Counter
 from pathlib import Path
@@ -9,19 +10,34 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.ir.cost import count, macs
 from graphopt.ir.graph import export, np_dtype, static_shape
+
+# Serialising more than this fails in protobuf; the compressed size of such a model is left out.
+_SERIALIZE_LIMIT = 2**31 - 1
+# zlib's default level, which gzip uses too: the size a user sees after `gzip model.onnx`.
+_ZLIB_LEVEL = 6
 
 
 def summarize(graph: gs.Graph, layers: bool = False) -> dict:
-    """params, size_bytes (serialized), macs and an ops histogram; per-layer MACs when asked.
+    """params, size_bytes (serialized), compressed_bytes (serialized, then zlib level 6; None over
+    2 GiB), sparsity (fraction of zeros among the floating-point constants), macs and an ops
+    histogram; per-layer MACs, parameters and sparsity when asked.
 
     MACs need shapes (run shape inference first); symbolic dimensions count as 1.
     """
-    constants = {id(t): t for t in graph.tensors().values() if isinstance(t, gs.Constant)}.values()
-    per_layer = [_layer(n) for n in graph.nodes]
+    constants = {id(t): t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    zeros = {key: _zeros(t) for key, t in constants.items()}
+    per_layer = [_layer(n, zeros) for n in graph.nodes]
+    floats, zero = (sum(z[i] for z in zeros.values()) for i in (0, 1))
+    model = export(graph)
+    size = model.ByteSize()
     summary = {
-        "params": int(sum(_count(t.shape) for t in constants)),
-        "size_bytes": int(export(graph).ByteSize()),
+        "params": int(sum(count(t.shape) for t in constants.values())),
+        "size_bytes": int(size),
+        "compressed_bytes": len(zlib.compress(model.SerializeToString(), _ZLIB_LEVEL)) if size <= _SERIALIZE_LIMIT
+        else None,
+        "sparsity": round(zero / floats, 4) if floats else 0.0,
         "macs": int(sum(layer["macs"] for layer in per_layer)),
         "ops": dict(sorted(Counter(n.op for n in graph.nodes).items())),
         "nodes": len(graph.nodes),
@@ -33,48 +49,26 @@ def summarize(graph: gs.Graph, layers: bool = False) -> dict:
     return summary
 
 
-def _count(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
-
-
 def _io(t: gs.Tensor) -> dict:
     return {"name": t.name, "dtype": None if t.dtype is None else np_dtype(t.dtype).name,
             "shape": None if t.shape is None else [d if isinstance(d, (int, np.integer)) else str(d) for d in t.shape]}
 
 
-def _dims(tensor: gs.Tensor) -> tuple[int, ...] | None:
-    """Shape with symbolic dimensions as 1, or None if the rank is unknown."""
-    if tensor.shape is None:
-        return None
-    return tuple(int(d) if isinstance(d, (int, np.integer)) and d >= 0 else 1 for d in tensor.shape)
+def _zeros(tensor: gs.Constant) -> tuple[int, int]:
+    """(floating-point elements, zeros among them) of a constant; (0, 0) for other types."""
+    dtype = np_dtype(tensor.dtype)
+    if not np.issubdtype(dtype, np.floating):
+        return 0, 0
+    values = tensor.values
+    return int(values.size), int(values.size - np.count_nonzero(values))
 
 
-def macs(node: gs.Node) -> int:
-    """Multiply-accumulates of one node; 0 for ops that are not products or whose shapes are unknown."""
-    if node.op in ("Conv", "ConvInteger", "QLinearConv"):
-        w_index = 3 if node.op == "QLinearConv" else 1
-        out, w = _dims(node.outputs[0]), static_shape(node.inputs[w_index])
-        if out is None or w is None:
-            return 0
-        return _count(out) * _count(w[1:])
-    if node.op == "ConvTranspose":
-        x, w = _dims(node.inputs[0]), static_shape(node.inputs[1])
-        if x is None or w is None:
-            return 0
-        return _count(x) * _count(w[1:])
-    if node.op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
-        out = _dims(node.outputs[0])
-        a = _dims(node.inputs[0])
-        if out is None or a is None or not a:
-            return 0
-        k = a[0] if node.op == "Gemm" and node.attrs.get("transA", 0) else a[-1]
-        return _count(out) * k
-    return 0
-
-
-def _layer(node: gs.Node) -> dict:
-    params = sum(_count(t.shape) for t in node.inputs if isinstance(t, gs.Constant))
-    return {"name": node.name, "op": node.op, "macs": int(macs(node)), "params": int(params)}
+def _layer(node: gs.Node, zeros: dict[int, tuple[int, int]]) -> dict:
+    consts = [t for t in node.inputs if isinstance(t, gs.Constant)]
+    params = sum(count(t.shape) for t in consts)
+    floats, zero = (sum(zeros[id(t)][i] for t in consts) for i in (0, 1))
+    return {"name": node.name, "op": node.op, "macs": int(macs(node)), "params": int(params),
+            "sparsity": round(zero / floats, 4) if floats else 0.0}
 
 
 def write_json(report: dict, path: Path) -> None:
@@ -101,6 +95,8 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"params      {summary['params']:,}",
         f"size        {summary['size_bytes']:,} bytes",
+        f"compressed  {_maybe(summary.get('compressed_bytes'))} bytes (zlib level 6)",
+        f"sparsity    {summary.get('sparsity', 0.0):.2%} of floating-point weights are zero",
         f"MACs        {summary['macs']:,}",
         f"nodes       {summary['nodes']}",
         "inputs      " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in summary["inputs"]),
@@ -110,9 +106,10 @@ def format_summary(summary: dict) -> str:
     if summary.get("layers"):
         width = max(len(layer["name"]) for layer in summary["layers"])
         lines.append("")
-        lines.append(f"{'layer':<{width}}  {'op':<18} {'params':>12} {'MACs':>14}")
+        lines.append(f"{'layer':<{width}}  {'op':<18} {'params':>12} {'MACs':>14} {'sparsity':>9}")
         for layer in summary["layers"]:
-            lines.append(f"{layer['name']:<{width}}  {layer['op']:<18} {layer['params']:>12,} {layer['macs']:>14,}")
+            lines.append(f"{layer['name']:<{width}}  {layer['op']:<18} {layer['params']:>12,} {layer['macs']:>14,} "
+                         f"{layer.get('sparsity', 0.0):>9.2%}")
     return "\n".join(lines)
 
 
@@ -120,8 +117,9 @@ def write_html(report: dict, path: Path) -> None:
     """A one-page, dependency-free view of report.json."""
     parts = [f"<h1>graphopt report: {escape(str(report.get('model', '')))}</h1>",
              f"<p>pipeline: <code>{escape(report.get('pipeline') or '(none)')}</code></p>",
-             _table(["", "before", "after"], [[k, f"{report['before'][k]:,}", f"{report['after'][k]:,}"]
-                                             for k in ("params", "size_bytes", "macs", "nodes")])]
+             _table(["", "before", "after"], [[k, _cell(k, report["before"]), _cell(k, report["after"])]
+                                             for k in ("params", "size_bytes", "compressed_bytes", "sparsity",
+                                                       "macs", "nodes")])]
     if "latency_ms" in report:
         lat = report["latency_ms"]["onnxruntime"]
         parts.append(_table(["onnxruntime latency (ms)", "before", "after"],
@@ -131,6 +129,9 @@ def write_html(report: dict, path: Path) -> None:
         [[p["name"], str(p["modified"]), f"{p['seconds']:.3f}",
           f"<pre>{escape(json.dumps(p['stats'], indent=1, default=_jsonable))}</pre>"] for p in report["passes"]],
         raw_last=True))
+    for p in report["passes"]:
+        if "sensitivity" in p["stats"]:
+            parts.append(f"<h2>Sensitivity: {escape(p['name'])}</h2>" + sensitivity_html(p["stats"]["sensitivity"]))
     parts.append("<h2>Fidelity vs the original (onnxruntime)</h2>" + _fidelity(report["fidelity"]["outputs"]))
     codegen = report.get("codegen")
     if codegen:
@@ -146,6 +147,82 @@ def write_html(report: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(html)
     tmp.replace(path)
+
+
+def _cell(key: str, summary: dict) -> str:
+    value = summary.get(key)
+    if value is None:
+        return "n/a"
+    return f"{value:.2%}" if key == "sparsity" else f"{value:,}"
+
+
+def _maybe(value) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def format_sensitivity(table: dict) -> str:
+    """The per-layer table of a sensitivity analysis (`Table.as_dict()`): cosine per ratio, and
+    accuracy per ratio when it was measured."""
+    ratios, layers = table["ratios"], table["layers"]
+    width = max([len(layer["name"]) for layer in layers] + [5])
+    with_acc = table.get("baseline_accuracy") is not None
+    head = f"{'layer':<{width}}  {'op':<14} {'size':>10}  " + " ".join(f"{'cos@' + format(r, 'g'):>10}" for r in ratios)
+    if with_acc:
+        head += "  " + " ".join(f"{'acc@' + format(r, 'g'):>9}" for r in ratios)
+    lines = [f"baseline accuracy {table['baseline_accuracy']:.4f}"] if with_acc else []
+    lines.append(head)
+    for layer in layers:
+        row = f"{layer['name']:<{width}}  {layer['op']:<14} {layer['size']:>10,}  "
+        row += " ".join(f"{p['cosine']:>10.6f}" for p in layer["points"])
+        if with_acc:
+            row += "  " + " ".join(f"{p['accuracy']:>9.4f}" for p in layer["points"])
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def sensitivity_html(table: dict) -> str:
+    """An inline SVG of cosine against ratio, one line per layer, and the table under it."""
+    ratios = table["ratios"]
+    head = ["layer", "op", "size"] + [f"cosine @ {r:g}" for r in ratios]
+    with_acc = table.get("baseline_accuracy") is not None
+    if with_acc:
+        head += [f"accuracy @ {r:g}" for r in ratios]
+    rows = [[layer["name"], layer["op"], f"{layer['size']:,}"] + [f"{p['cosine']:.6f}" for p in layer["points"]]
+            + ([f"{p['accuracy']:.4f}" for p in layer["points"]] if with_acc else []) for layer in table["layers"]]
+    note = f"<p>baseline accuracy {table['baseline_accuracy']:.4f}</p>" if with_acc else ""
+    return _svg_plot(table["layers"]) + note + _table(head, rows)
+
+
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf")
+
+
+def _svg_plot(layers: list[dict], width: int = 560, height: int = 260, margin: int = 40) -> str:
+    lowest = min([p["cosine"] for layer in layers for p in layer["points"]] + [0.99])
+    bottom = np.floor(lowest * 20) / 20  # a round axis minimum, in steps of 0.05
+
+    def xy(ratio: float, cosine: float) -> str:
+        x = margin + ratio * (width - 2 * margin)
+        y = margin + (1 - cosine) / (1 - bottom) * (height - 2 * margin)
+        return f"{x:.1f},{y:.1f}"
+
+    lines, legend = [], []
+    for i, layer in enumerate(layers):
+        colour = _COLOURS[i % len(_COLOURS)]
+        points = " ".join(xy(p["ratio"], p["cosine"]) for p in [{"ratio": 0.0, "cosine": 1.0}] + layer["points"])
+        lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{points}"/>')
+        legend.append(f'<text x="{width + 4}" y="{margin + 14 * i}" fill="{colour}" font-size="11">'
+                      f'{escape(layer["name"])}</text>')
+    axes = (f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" y2="{height - margin}" stroke="#999"/>'
+            f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" stroke="#999"/>'
+            f'<text x="{width / 2}" y="{height - 8}" font-size="11" text-anchor="middle">ratio</text>'
+            f'<text x="4" y="{margin - 8}" font-size="11">cosine</text>'
+            f'<text x="{margin - 4}" y="{margin + 4}" font-size="10" text-anchor="end">1</text>'
+            f'<text x="{margin - 4}" y="{height - margin}" font-size="10" text-anchor="end">{bottom:g}</text>'
+            f'<text x="{width - margin}" y="{height - margin + 14}" font-size="10" text-anchor="middle">1</text>')
+    tall = max(height, margin + 14 * len(layers))  # room for the legend
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 160}" height="{tall}">'
+            + axes + "".join(lines) + "".join(legend) + "</svg>")
 
 
 def _fidelity(outputs: dict) -> str:

@@ -155,4 +155,9 @@ def _coerce(pass_name: str, key: str, value: Any, hint) -> Any:
     ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(base)
     if ok and isinstance(value, ok) and not (base is not bool and isinstance(value, bool)):
         return base(value)
+    if isinstance(value, str) and base in (int, float):  # items of a "a|b" list arrive as text
+        try:
+            return base(value)
+        except ValueError:
+            pass
     raise PipelineError(f"pass '{pass_name}': option {key}={value!r} must be {getattr(base, '__name__', base)}")

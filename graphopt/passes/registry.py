@@ -11,9 +11,13 @@ from graphopt.passes.cleanup.eliminate_noops import EliminateNoops
 from graphopt.passes.cleanup.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.cleanup.fold_constants import FoldConstants
 from graphopt.passes.cleanup.fuse_matmul_add import FuseMatMulAdd
+from graphopt.passes.prune.channels import PruneChannels
+from graphopt.passes.prune.magnitude import PruneMagnitude
+from graphopt.passes.prune.n_m import PruneNM
 
 BUILTIN: tuple[type[Pass], ...] = (
     Canonicalize, FoldConstants, FoldBatchNorm, EliminateNoops, FuseMatMulAdd, EliminateDead,
+    PruneMagnitude, PruneNM, PruneChannels,
 )
 ALIASES = {"fold-bn": "fold-batchnorm", "dce": "eliminate-dead"}
 

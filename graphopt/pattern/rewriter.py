@@ -96,6 +96,27 @@ class Rewriter:
         tensor.values = constant_values(tensor.name, values)
         self.changes += 1
 
+    def set_constant_input(self, node: gs.Node, index: int, values: np.ndarray) -> gs.Constant:
+        """Input `index` of `node` holds `values` from now on (a weight resized, say).
+
+        Changed in place when `node` is its only reader; otherwise `node` gets a new constant, so
+        the other readers keep theirs.
+        """
+        tensor = node.inputs[index]
+        if not isinstance(tensor, gs.Constant):
+            raise TypeError(f"input {index} of '{node.name}' is '{tensor.name}', not a constant")
+        if len(tensor.outputs) == 1 and not is_graph_output(self.graph, tensor):
+            self.set_values(tensor, values)
+            return tensor
+        fresh = self.constant(tensor.name, values)
+        self.set_input(node, index, fresh)
+        return fresh
+
+    def set_shape(self, tensor: gs.Variable, shape: list) -> None:
+        """Record a tensor's new shape, for a rewrite that changes it (channels removed, say)."""
+        tensor.shape = list(shape)
+        self.changes += 1
+
     def fold(self, node: gs.Node, values: list[np.ndarray]) -> None:
         """Turn each output of `node` into a constant holding the matching value, and drop `node`."""
         outputs = list(node.outputs)

@@ -127,7 +127,7 @@ def test_valid_external_data_model_optimizes(model, tmp_path):
                     size_threshold=0)
     result = run_cli("optimize", "m.onnx", "-o", "out", "-q", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path / "out")) == ["model.opt.onnx", "report.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.opt.onnx", "report.html", "report.json"]
     out = onnx.load(str(tmp_path / "out" / "model.opt.onnx"))
     by_name = {t.name: t for t in out.graph.initializer}
     np.testing.assert_array_equal(numpy_helper.to_array(by_name["W"]), weights)

@@ -1,0 +1,41 @@
+"""Cost of a graph: multiply-accumulates per node and element counts, shared by passes and reports."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.ir.graph import static_shape
+
+
+def count(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
+
+
+def _dims(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """Shape with symbolic dimensions as 1, or None if the rank is unknown."""
+    if tensor.shape is None:
+        return None
+    return tuple(int(d) if isinstance(d, (int, np.integer)) and d >= 0 else 1 for d in tensor.shape)
+
+
+def macs(node: gs.Node) -> int:
+    """Multiply-accumulates of one node; 0 for ops that are not products or whose shapes are unknown."""
+    if node.op in ("Conv", "ConvInteger", "QLinearConv"):
+        w_index = 3 if node.op == "QLinearConv" else 1
+        out, w = _dims(node.outputs[0]), static_shape(node.inputs[w_index])
+        if out is None or w is None:
+            return 0
+        return count(out) * count(w[1:])
+    if node.op == "ConvTranspose":
+        x, w = _dims(node.inputs[0]), static_shape(node.inputs[1])
+        if x is None or w is None:
+            return 0
+        return count(x) * count(w[1:])
+    if node.op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
+        out = _dims(node.outputs[0])
+        a = _dims(node.inputs[0])
+        if out is None or a is None or not a:
+            return 0
+        k = a[0] if node.op == "Gemm" and node.attrs.get("transA", 0) else a[-1]
+        return count(out) * k
+    return 0

@@ -1,0 +1,1 @@
+"""Weight pruning: unstructured (magnitude), semi-structured (N:M) and structured (channels)."""

@@ -1,0 +1,117 @@
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import numpy_helper
+
+from graphopt.ir import io
+from graphopt.ir.errors import PipelineError
+from graphopt.passes.prune.n_m import PruneNM, group_size, keep_n_of_m, reduction_axis
+from graphopt.passes.prune.magnitude import weight_index
+from graphopt.testing import builders
+from graphopt.testing.check import check_pass, refusals, rng_array
+from graphopt.testing.tiny import model, node
+
+ROOT = Path(__file__).resolve().parents[3]
+BUILDERS = {"resnet": builders.resnet, "mobilenet": builders.mobilenet, "mlp": builders.mlp,
+            "transformer": builders.transformer}
+BOUND = PruneNM.info.semantics.bound
+
+
+def violations(path: Path, layers: list[str], n: int, m: int) -> dict[str, int]:
+    """Groups of M with more than N non-zeros, per pruned layer, read back from the saved file."""
+    saved = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in saved.graph.initializer}
+    nodes = {nd.name: nd for nd in gs.import_onnx(saved).nodes}
+    found = {}
+    for name in layers:
+        nd = nodes[name]
+        index = weight_index(nd)
+        w = inits[nd.inputs[index].name]
+        axis = reduction_axis(nd, index, w.ndim)
+        groups = np.moveaxis(w, axis, -1).reshape(-1, m)
+        found[name] = int(np.sum(np.count_nonzero(groups, axis=1) > n))
+    return found
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_builders_two_four_pattern_in_the_saved_model(builder, tmp_path):
+    graph, result, worst = check_pass(BUILDERS[builder](), PruneNM())
+    assert min(worst.values()) >= BOUND
+    layers = list(result.stats["layers"])
+    assert layers and all(abs(s["sparsity"] - 0.5) < 0.01 for s in result.stats["layers"].values())
+    path = io.save(graph, tmp_path / "pruned.onnx")
+    assert violations(path, layers, 2, 4) == dict.fromkeys(layers, 0)
+
+
+def test_refuses_reduction_sizes_that_are_not_a_multiple_of_m():
+    _, result, _ = check_pass(builders.resnet(), PruneNM())
+    assert refusals(result.stats) == ["reduction size 3 of Conv 'Conv_0' is not a multiple of 4"]
+    _, result, _ = check_pass(builders.mobilenet(), PruneNM())
+    depthwise = [r for r in refusals(result.stats) if "reduction size 1 " in r]
+    assert len(depthwise) == 3  # one per separable block
+
+
+CASES = {
+    # name: (nodes, inputs, weights)
+    "grouped conv": ([node("Conv", ["x", "w"], ["y"], name="layer", group=2, pads=[1, 1, 1, 1])],
+                     {"x": (1, 8, 5, 5)}, {"w": rng_array((6, 4, 3, 3), 1)}),
+    "grouped convtranspose": ([node("ConvTranspose", ["x", "w"], ["y"], name="layer", group=2)],
+                              {"x": (1, 8, 4, 4)}, {"w": rng_array((8, 3, 2, 2), 2)}),
+    "gemm": ([node("Gemm", ["x", "w"], ["y"], name="layer")], {"x": (3, 8)}, {"w": rng_array((8, 5), 3)}),
+    "gemm transB": ([node("Gemm", ["x", "w"], ["y"], name="layer", transB=1)], {"x": (3, 8)},
+                    {"w": rng_array((5, 8), 4)}),
+    "gemm constant A transA": ([node("Gemm", ["w", "x"], ["y"], name="layer", transA=1)], {"x": (8, 3)},
+                               {"w": rng_array((8, 5), 5)}),
+    "matmul constant first": ([node("MatMul", ["w", "x"], ["y"], name="layer")], {"x": (2, 8, 3)},
+                              {"w": rng_array((5, 8), 6)}),
+    "matmul batched weight": ([node("MatMul", ["x", "w"], ["y"], name="layer")], {"x": (2, 3, 8)},
+                              {"w": rng_array((2, 8, 5), 7)}),
+}
+
+
+@pytest.mark.parametrize("case,n,m", [(c, 2, 4) for c in CASES] + [(c, 1, 4) for c in CASES]
+                         + [("matmul batched weight", 3, 8)])
+def test_pattern_on_each_op_layout(case, n, m, tmp_path):
+    nodes, inputs, w = CASES[case]
+    graph, result, _ = check_pass(model(nodes, inputs, {"y": None}, w), PruneNM(n=n, m=m))
+    assert result.stats["layers"]["layer"]["sparsity"] == pytest.approx(1 - n / m)
+    assert violations(io.save(graph, tmp_path / "m.onnx"), ["layer"], n, m) == {"layer": 0}
+
+
+def test_convtranspose_groups_must_hold_whole_runs_of_m():
+    nodes = [node("ConvTranspose", ["x", "w"], ["y"], name="layer", group=2)]
+    m = model(nodes, {"x": (1, 12, 4, 4)}, {"y": None}, {"w": rng_array((12, 3, 2, 2), 2)})
+    _, result, _ = check_pass(m, PruneNM(), expect_modified=False)
+    assert refusals(result.stats) == ["reduction size 6 of ConvTranspose 'layer' is not a multiple of 4"]
+
+
+def test_conv_groups_run_along_input_channels_at_each_kernel_tap():
+    w = np.arange(1, 1 + 2 * 4 * 2 * 2, dtype=np.float32).reshape(2, 4, 2, 2)
+    pruned = keep_n_of_m(w, 1, 2, 4)
+    # The two largest input channels survive at every (output channel, kernel position).
+    assert np.array_equal(pruned[:, 2:], w[:, 2:]) and not pruned[:, :2].any()
+    assert group_size(gs.Node("ConvTranspose", attrs={"group": 3}), 12) == 4
+
+
+def test_refuses_shared_weights():
+    nodes = [node("Gemm", ["x", "w", "b"], ["y"], name="g1", transB=1), node("Gemm", ["x", "w"], ["z"], name="g2")]
+    w = {"w": rng_array((8, 8), 1), "b": rng_array((8,), 2)}
+    graph, result, _ = check_pass(model(nodes, {"x": (2, 8)}, {"y": None, "z": None}, w), PruneNM(),
+                                  expect_modified=False)
+    assert refusals(result.stats) == ["weight 'w' is shared with another node"] * 2
+
+
+def test_digits_two_four_within_bound():
+    graph = io.load(ROOT / "models" / "digits_cnn.onnx")
+    data = np.load(ROOT / "models" / "digits_test.npz")
+    _, result, worst = check_pass(graph, PruneNM(), inputs=[{"x": data["x"]}])
+    assert min(worst.values()) >= BOUND
+    assert [r["node"] for r in result.stats["refused"]] == ["conv0"]  # one input channel
+
+
+def test_bad_options():
+    with pytest.raises(PipelineError, match="0 < n < m"):
+        PruneNM(n=4, m=4)
