@@ -21,8 +21,9 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import fidelity, ort
+from graphopt.ir import fidelity, ort, verify
 from graphopt.ir.errors import PipelineError
+from graphopt.passes.base import PassInfo
 
 METRICS = ("cosine", "accuracy")
 
@@ -60,6 +61,8 @@ class Table:
 
 class Layerwise(Protocol):
     """A pass that can be applied to one layer at a ratio in (0, 1]."""
+
+    info: PassInfo
 
     def layers(self, graph: gs.Graph) -> list[Layer]: ...
 
@@ -105,7 +108,15 @@ def analyze(graph: gs.Graph, layers: Sequence[Layer], apply: Apply, ratios: Sequ
 
 def analyze_pass(graph: gs.Graph, pass_: Layerwise, ratios: Sequence[float], feeds: dict[str, np.ndarray],
                  labels: np.ndarray | None = None, progress: Progress | None = None) -> Table:
-    """`analyze` over the layers `pass_` would transform, with the pass doing the transformation."""
+    """`analyze` over the layers `pass_` would transform, with the pass doing the transformation.
+
+    Establishes on `graph` what the pass requires (sorted nodes, inferred shapes), as the
+    PassManager does before running it: a model fresh from disk may have no shapes inside.
+    """
+    for name in sorted(pass_.info.requires):
+        establish = verify.INVARIANTS[name].establish
+        if establish:
+            establish(graph)
     return analyze(graph, pass_.layers(graph), pass_.apply_layer, ratios, feeds, labels, progress)
 
 
@@ -141,6 +152,13 @@ def allocate(table: Table, budget: float, metric: str = "cosine") -> dict[str, f
         if take == step:
             at[name] += 1
     return ratios
+
+
+def largest_budget(table: Table) -> float:
+    """The largest budget `allocate` can meet: every layer at its largest measured ratio."""
+    sized = [layer for layer in table.layers if layer.size > 0]
+    total = sum(layer.size for layer in sized)
+    return sum(layer.size * table.points[layer.name][-1].ratio for layer in sized) / max(total, 1)
 
 
 def _step_cost(curve: list[tuple[float, float]], i: int, size: int) -> float:

@@ -2,7 +2,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir.graph import infer_shapes
-from graphopt.passes.prune.dependency import FILTER, GAMMA, INPUT, PARAM, analyze
+from graphopt.passes.prune.channel_rules import analyze
+from graphopt.passes.prune.dependency import FILTER, GAMMA, INPUT, PARAM
 from graphopt.testing import builders
 from graphopt.testing.check import rng_array
 from graphopt.testing.tiny import model, node
