@@ -11,6 +11,8 @@ from graphopt.passes.cleanup.eliminate_noops import EliminateNoops
 from graphopt.passes.cleanup.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.cleanup.fold_constants import FoldConstants
 from graphopt.passes.cleanup.fuse_matmul_add import FuseMatMulAdd
+from graphopt.passes.factorize.svd import FactorizeSVD
+from graphopt.passes.factorize.tucker import FactorizeTucker
 from graphopt.passes.prune.channels import PruneChannels
 from graphopt.passes.prune.magnitude import PruneMagnitude
 from graphopt.passes.prune.n_m import PruneNM
@@ -18,6 +20,7 @@ from graphopt.passes.prune.n_m import PruneNM
 BUILTIN: tuple[type[Pass], ...] = (
     Canonicalize, FoldConstants, FoldBatchNorm, EliminateNoops, FuseMatMulAdd, EliminateDead,
     PruneMagnitude, PruneNM, PruneChannels,
+    FactorizeSVD, FactorizeTucker,
 )
 ALIASES = {"fold-bn": "fold-batchnorm", "dce": "eliminate-dead"}
 

@@ -1,0 +1,153 @@
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from graphopt.ir import ort
+from graphopt.optimize import optimize
+from graphopt.passes.base import EXACT
+from graphopt.passes.factorize.svd import FactorizeSVD
+from graphopt.passes.manager import PassManager
+from graphopt.testing import builders
+from graphopt.testing.check import check_pass, ops, refusals, rng_array
+from graphopt.testing.tiny import model, node
+
+ROOT = Path(__file__).resolve().parents[3]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+DIGITS_TEST = ROOT / "models" / "digits_test.npz"
+BOUND = FactorizeSVD.info.semantics.bound
+
+
+class ExactSVD(FactorizeSVD):
+    """Held to EXACT: for weights whose every non-zero singular value the rank keeps."""
+    info = dataclasses.replace(FactorizeSVD.info, semantics=EXACT)
+
+
+def low_rank(rows: int, cols: int, rank: int, seed: int = 0) -> np.ndarray:
+    return (rng_array((rows, rank), seed) @ rng_array((rank, cols), seed + 1)).astype(np.float32)
+
+
+EXACT_CASES = {
+    "gemm_transB_alpha_beta": model(
+        [node("Gemm", ["x", "w", "c"], ["y"], name="gemm", transB=1, alpha=0.5, beta=2.0)],
+        {"x": (6, 20)}, {"y": None}, {"w": low_rank(24, 20, 4), "c": rng_array((24,), 3)}),
+    "gemm_transA": model([node("Gemm", ["x", "w"], ["y"], name="gemm", transA=1)],
+                         {"x": (20, 6)}, {"y": None}, {"w": low_rank(20, 24, 4)}),
+    "matmul_batched": model([node("MatMul", ["x", "w"], ["y"], name="mm")],
+                            {"x": (2, 3, 20)}, {"y": None}, {"w": low_rank(20, 24, 4)}),
+    "matmul_weight_on_the_left": model([node("MatMul", ["w", "x"], ["y"], name="mm")],
+                                       {"x": (2, 20, 5)}, {"y": None}, {"w": low_rank(24, 20, 4)}),
+}
+
+
+@pytest.mark.parametrize("case", EXACT_CASES)
+@pytest.mark.parametrize("option", [{"rank": 4}, {"energy": 1.0}])
+def test_exact_when_the_rank_keeps_every_singular_value(case, option):
+    graph, result, _ = check_pass(EXACT_CASES[case], ExactSVD(**option))
+    (layer,) = result.stats["layers"].values()
+    assert layer["ranks"] == {"rank": 4} and layer["weight_error"] < 1e-5
+    assert layer["params"] == {"before": 480, "after": 4 * 44}
+    assert len(ops(graph)) == 2 and result.stats["refused"] == []
+
+
+def test_factors_keep_the_weight_dtype():
+    m = model([node("MatMul", ["x", "w"], ["y"], name="mm")], {"x": (3, 20)}, {"y": None},
+              {"w": low_rank(20, 24, 4).astype(np.float64)}, dtype=onnx.TensorProto.DOUBLE)
+    graph, _, _ = check_pass(m, ExactSVD(rank=4))
+    assert {t.values.dtype for t in graph.tensors().values() if isinstance(t, gs.Constant)} == {np.dtype(np.float64)}
+
+
+def matmul_layer(rows: int = 48, cols: int = 40) -> onnx.ModelProto:
+    return model([node("MatMul", ["x", "w"], ["y"], name="mm")], {"x": (16, rows)}, {"y": None},
+                 {"w": rng_array((rows, cols), 7)})
+
+
+def test_error_falls_as_the_rank_grows():
+    m = matmul_layer()
+    feeds = {"x": rng_array((16, 48), 1)}
+    reference = ort.run(m, feeds)["y"]
+    errors, weight_errors = [], []
+    for rank in (1, 2, 4, 8, 16, 21):  # 21 * (48 + 40) < 48 * 40 < 22 * (48 + 40)
+        graph, result, _ = check_pass(m, FactorizeSVD(rank=rank))
+        out = ort.run(graph, feeds)["y"]
+        errors.append(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+        weight_errors.append(result.stats["layers"]["mm"]["weight_error"])
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert all(a > b for a, b in zip(weight_errors, weight_errors[1:])), weight_errors
+
+
+def test_vbmf_keeps_the_planted_rank():
+    w = low_rank(48, 40, 3) + 0.01 * rng_array((48, 40), 9)
+    m = model([node("MatMul", ["x", "w"], ["y"], name="mm")], {"x": (4, 48)}, {"y": None}, {"w": w})
+    graph, result, worst = check_pass(m, FactorizeSVD(method="vbmf"))
+    assert result.stats["layers"]["mm"]["ranks"] == {"rank": 3} and worst["y"] > 0.999
+
+
+def test_refuses_a_rank_that_saves_nothing():
+    graph, result, _ = check_pass(matmul_layer(), FactorizeSVD(rank=22), expect_modified=False)
+    assert refusals(result.stats) == ["rank 22 (rank=22): factors need 1,936 parameters where the layer has "
+                                      "1,920; no saving"]
+    _, result, _ = check_pass(matmul_layer(), FactorizeSVD(energy=0.99), expect_modified=False)
+    assert refusals(result.stats)[0].endswith("no saving")
+
+
+def test_refuses_shared_weights_and_operands_it_cannot_factor():
+    w, w3, sq = rng_array((16, 12), 1), rng_array((2, 16, 12), 2), rng_array((16, 16), 3)
+    nodes = [node("MatMul", ["x", "w"], ["a"], name="shared_a"), node("MatMul", ["x", "w"], ["b"], name="shared_b"),
+             node("MatMul", ["x", "w3"], ["c"], name="batched_weight"),
+             node("Gemm", ["w", "t"], ["d"], name="gemm_const_a"),
+             node("MatMul", ["sq", "sq"], ["e"], name="two_constants")]
+    m = model(nodes, {"x": (3, 16), "t": (12, 5)}, {k: None for k in "abcde"}, {"w": w, "w3": w3, "sq": sq})
+    graph, result, _ = check_pass(m, FactorizeSVD(rank=1), expect_modified=False)
+    assert {r["node"]: r["reason"] for r in result.stats["refused"]} == {
+        "shared_a": "weight 'w' is shared with another node", "shared_b": "weight 'w' is shared with another node",
+        "batched_weight": "weight 'w3' is 3-D; only a 2-D weight is factored",
+        "gemm_const_a": "the Gemm's constant operand is A; only a constant B is factored",
+        "two_constants": "both operands are constant: fold them first (fold-constants)"}
+
+
+def layer_params(stats: dict) -> tuple[int, int]:
+    layers = stats["layers"].values()
+    return sum(v["params"]["before"] for v in layers), sum(v["params"]["after"] for v in layers)
+
+
+@pytest.mark.parametrize("builder", ["mlp", "transformer"])
+def test_ratio_half_halves_the_product_weights_and_reports_fidelity(builder):
+    m = getattr(builders, builder)()
+    products = [n.name for n in m.graph.node if n.op_type in ("Gemm", "MatMul")
+                and any(i.endswith(".weight") for i in n.input)]
+    graph, result, worst = check_pass(m, FactorizeSVD(ratio=0.5))
+    assert sorted(result.stats["layers"]) == sorted(products)
+    before, after = layer_params(result.stats)
+    assert 0.45 * before < after <= 0.5 * before
+    report = optimize(gs.import_onnx(m), [FactorizeSVD(ratio=0.5)], latency=False).report
+    measured = report["fidelity"]["outputs"]["output"]
+    assert measured["cosine"] >= BOUND and min(worst.values()) >= BOUND
+    assert 0 < measured["sqnr_db"] < 20  # lossy, and measured: random weights have flat spectra
+    again = PassManager([FactorizeSVD(ratio=0.5)]).run(graph)[0]
+    assert refusals(again.stats) and all(r.startswith("already factored") for r in refusals(again.stats))
+
+
+def test_sensitivity_allocation_spends_the_budget_where_it_costs_least():
+    m = builders.mlp(sizes=(64, 256, 256, 10))
+    graph, result, worst = check_pass(m, FactorizeSVD(ratio=0.5, allocation="sensitivity"))
+    stats = result.stats
+    total = sum(layer["size"] for layer in stats["sensitivity"]["layers"])
+    kept_whole = total - layer_params(stats)[0]
+    assert kept_whole + layer_params(stats)[1] <= 0.5 * total
+    assert set(stats["allocated_keep"]) == {layer["name"] for layer in stats["sensitivity"]["layers"]}
+    _, _, uniform = check_pass(m, FactorizeSVD(ratio=0.5))
+    assert worst["output"] > uniform["output"]
+
+
+@pytest.mark.parametrize("energy", [0.95, 0.9])
+def test_digits_keeps_its_accuracy_with_fewer_parameters(energy):
+    data = np.load(DIGITS_TEST)
+    result = optimize(DIGITS, f"factorize-svd(energy={energy})", latency=False)
+    accuracy = [np.mean(ort.run(g, {"x": data["x"]})["logits"].argmax(1) == data["y"])
+                for g in (onnx.load(DIGITS), result.graph)]
+    assert accuracy[1] >= accuracy[0] - 0.03
+    assert result.report["after"]["params"] < result.report["before"]["params"]
