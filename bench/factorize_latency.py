@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 # Set before numpy loads OpenBLAS. On a small host shared with other jobs, OpenBLAS threads wait on
@@ -35,6 +34,8 @@ from graphopt.passes.factorize.svd import FactorizeSVD
 from graphopt.passes.factorize.tucker import FactorizeTucker
 from graphopt.passes.manager import PassManager
 from graphopt.report import summarize
+from timing import interleaved_ms  # bench/ is on sys.path when run as a script
+
 from graphopt.testing import builders
 
 RESULTS = Path(__file__).resolve().parent / "results" / "factorize_latency.json"
@@ -53,22 +54,6 @@ def prepare(build, setup: list, factorize) -> tuple[gs.Graph, gs.Graph]:
     factored = original.copy()
     PassManager([factorize]).run(factored)
     return infer_shapes(original), infer_shapes(factored)
-
-
-def interleaved_ms(models: dict[str, gs.Graph], feeds: dict, repeat: int, threads: int) -> dict[str, list[float]]:
-    """Per model, `repeat` timed runs taken in turn with the others' (order rotated each round)."""
-    sessions = {k: ort.session(g, optimize=True, threads=threads) for k, g in models.items()}
-    for sess in sessions.values():
-        for _ in range(10):
-            sess.run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    names = list(sessions)
-    for i in range(repeat):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            sessions[name].run(None, feeds)
-            times[name].append(1000 * (time.perf_counter() - start))
-    return times
 
 
 def measure(case: str, repeat: int, threads: int) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,8 @@ from graphopt.ir.graph import infer_shapes
 from graphopt.passes.manager import PassManager
 from graphopt.passes.prune.channels import PruneChannels
 from graphopt.report import summarize
+from timing import interleaved_ms  # bench/ is on sys.path when run as a script
+
 from graphopt.testing.builders import resnet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_channels_latency.json"
@@ -43,22 +44,6 @@ def pick_ratio(graph: gs.Graph, round_to: int) -> float:
     macs = summarize(graph)["macs"]
     kept = [summarize(prune(graph, ratio=float(r), round_to=round_to))["macs"] / macs for r in RATIOS]
     return float(RATIOS[int(np.argmin(np.abs(np.array(kept) - TARGET_MACS)))])
-
-
-def interleaved_ms(models: dict[str, gs.Graph], feeds: dict, repeat: int, threads: int) -> dict[str, list[float]]:
-    """Per model, `repeat` timed runs taken in turn with the others' (order rotated each round)."""
-    sessions = {k: ort.session(g, optimize=True, threads=threads) for k, g in models.items()}
-    for sess in sessions.values():
-        for _ in range(10):
-            sess.run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    names = list(sessions)
-    for i in range(repeat):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            sessions[name].run(None, feeds)
-            times[name].append(1000 * (time.perf_counter() - start))
-    return times
 
 
 def run(repeat: int, threads: int) -> dict:

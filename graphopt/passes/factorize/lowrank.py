@@ -18,13 +18,11 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir.data import input_specs, random_feeds
 from graphopt.ir.errors import PipelineError
-from graphopt.ir.graph import is_graph_output, np_dtype
 from graphopt.passes import sensitivity
 from graphopt.passes.base import Pass, PassContext, PassResult
 from graphopt.passes.factorize.rank import Criterion
 from graphopt.pattern import MatchResult, Rewriter
 
-FLOATS = (np.float16, np.float32, np.float64)
 # The refusal that marks the halves of an earlier factorization; sensitivity allocation reads it.
 ALREADY_FACTORED = "already factored"
 
@@ -84,18 +82,6 @@ class Plan:
                 "params": {"before": self.params[0], "after": self.params[1]},
                 "macs": {"before": self.macs[0], "after": self.macs[1]},
                 "weight_error": round(self.weight_error, 6), **self.extra}
-
-
-def weight_refusal(graph: gs.Graph, tensor: gs.Constant) -> str | None:
-    """Why a constant weight may not be rewritten, or None."""
-    if len(tensor.outputs) > 1:
-        return f"weight '{tensor.name}' is shared with another node"
-    if is_graph_output(graph, tensor):
-        return f"weight '{tensor.name}' is a graph output"
-    dtype = np_dtype(tensor.dtype)
-    if dtype not in FLOATS:
-        return f"weight '{tensor.name}' is {dtype.name}, not floating point: factorize before quantizing"
-    return None
 
 
 def no_saving(what: str, unit: str, before: int, after: int) -> str:

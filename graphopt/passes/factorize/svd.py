@@ -34,6 +34,7 @@ from graphopt.ir.verify import SHAPES_INFERRED, TOPOSORTED
 from graphopt.passes.base import LOSSY, PassInfo
 from graphopt.passes.factorize import lowrank
 from graphopt.passes.factorize.rank import Criterion, energy_kept, energy_rank, evbmf_rank, svd_keep_rank
+from graphopt.passes.weights import weight_refusal
 from graphopt.pattern import MatchResult, Rewriter
 
 PRODUCTS = ("Gemm", "MatMul")
@@ -58,7 +59,7 @@ def examine(graph: gs.Graph, node: gs.Node) -> MatchResult:
     weight = node.inputs[index]
     if len(weight.shape) != 2:
         return MatchResult.fail(f"weight '{weight.name}' is {len(weight.shape)}-D; only a 2-D weight is factored")
-    why = lowrank.weight_refusal(graph, weight) or _factored_half(graph, node, index)
+    why = weight_refusal(graph, weight, "factorize") or _factored_half(graph, node, index)
     return MatchResult.fail(why) if why else MatchResult.ok(weight=weight, index=index)
 
 
@@ -167,14 +168,7 @@ class FactorizeSVD(lowrank.LowRankPass):
     Options = Options
     ops = PRODUCTS
 
-    def examine(self, graph, node):
-        return examine(graph, node)
-
-    def decompose(self, node, m):
-        return decompose(node, m)
-
-    def plan(self, node, m, decomposition, criterion):
-        return plan(node, m, decomposition, criterion)
-
-    def rewrite(self, rw, node, m, plan_):
-        rewrite(rw, node, m, plan_)
+    examine = staticmethod(examine)
+    decompose = staticmethod(decompose)
+    plan = staticmethod(plan)
+    rewrite = staticmethod(rewrite)

@@ -33,6 +33,7 @@ from graphopt.ir.verify import SHAPES_INFERRED, TOPOSORTED
 from graphopt.passes.base import LOSSY, PassInfo
 from graphopt.passes.factorize import lowrank
 from graphopt.passes.factorize.rank import Criterion, energy_kept, energy_rank, evbmf_rank, tucker_keep_ranks
+from graphopt.passes.weights import weight_refusal
 from graphopt.pattern import MatchResult, Rewriter
 
 # The weight, and the left singular vectors and singular values of its output and input unfoldings.
@@ -54,7 +55,7 @@ def examine(graph: gs.Graph, node: gs.Node) -> MatchResult:
         return MatchResult.fail(f"{kind} convolution (group={group}): Tucker-2 needs group=1")
     if count(weight.shape[2:]) <= 1:
         return MatchResult.fail("1x1 convolution: no spatial kernel to factor around")
-    why = lowrank.weight_refusal(graph, weight) or _factored_core(node)
+    why = weight_refusal(graph, weight, "factorize") or _factored_core(node)
     return MatchResult.fail(why) if why else MatchResult.ok(weight=weight)
 
 
@@ -164,14 +165,7 @@ class FactorizeTucker(lowrank.LowRankPass):
     Options = Options
     ops = ("Conv",)
 
-    def examine(self, graph, node):
-        return examine(graph, node)
-
-    def decompose(self, node, m):
-        return decompose(node, m)
-
-    def plan(self, node, m, decomposition, criterion):
-        return plan(node, m, decomposition, criterion)
-
-    def rewrite(self, rw, node, m, plan_):
-        rewrite(rw, node, m, plan_)
+    examine = staticmethod(examine)
+    decompose = staticmethod(decompose)
+    plan = staticmethod(plan)
+    rewrite = staticmethod(rewrite)

@@ -30,14 +30,14 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir.data import input_specs, random_feeds
 from graphopt.ir.errors import PipelineError
-from graphopt.ir.graph import is_graph_output, np_dtype
+from graphopt.ir.graph import np_dtype
 from graphopt.ir.verify import TOPOSORTED
 from graphopt.passes import sensitivity
 from graphopt.passes.base import LOSSY, Pass, PassContext, PassInfo, PassResult
+from graphopt.passes.weights import weight_refusal
 from graphopt.pattern import Rewriter
 
 PRUNABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-FLOATS = (np.float16, np.float32, np.float64)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def select_layers(graph: gs.Graph, include: tuple[str, ...] = (), exclude: tuple
             selection.skipped.append({"node": node.name, "reason": skip})
             continue
         layer = _prunable(node, index, prune_bias)
-        why = next((r for t in layer.tensors if (r := _refusal(graph, t))), None)
+        why = next((r for t in layer.tensors if (r := weight_refusal(graph, t, "prune"))), None)
         if why:
             selection.refused.append({"node": node.name, "reason": why})
         else:
@@ -121,19 +121,6 @@ def _skip_reason(node: gs.Node, position: int, count: int, include, exclude, ski
 def _prunable(node: gs.Node, weight: int, prune_bias: bool) -> Prunable:
     has_bias = node.op != "MatMul" and len(node.inputs) > 2 and not node.inputs[2].is_empty()
     return Prunable(node, (weight,) + ((2,) if prune_bias and has_bias else ()))
-
-
-def _refusal(graph: gs.Graph, tensor: gs.Tensor) -> str | None:
-    if not isinstance(tensor, gs.Constant):
-        return f"'{tensor.name}' is not a constant"
-    if len(tensor.outputs) > 1:
-        return f"weight '{tensor.name}' is shared with another node"
-    if is_graph_output(graph, tensor):
-        return f"weight '{tensor.name}' is a graph output"
-    dtype = np_dtype(tensor.dtype)
-    if dtype not in FLOATS:
-        return f"weight '{tensor.name}' is {dtype.name}, not floating point: prune before quantizing"
-    return None
 
 
 def zero_smallest(values: np.ndarray, count: int) -> tuple[np.ndarray, bool]:

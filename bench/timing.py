@@ -1,0 +1,24 @@
+"""Timing shared by the benchmarks: interleaved runs, so load on the machine hits every model alike."""
+from __future__ import annotations
+
+import time
+
+import onnx_graphsurgeon as gs
+
+from graphopt.ir import ort
+
+
+def interleaved_ms(models: dict[str, gs.Graph], feeds: dict, repeat: int, threads: int) -> dict[str, list[float]]:
+    """Per model, `repeat` timed runs taken in turn with the others' (order rotated each round)."""
+    sessions = {k: ort.session(g, optimize=True, threads=threads) for k, g in models.items()}
+    for sess in sessions.values():
+        for _ in range(10):
+            sess.run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    names = list(sessions)
+    for i in range(repeat):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            sessions[name].run(None, feeds)
+            times[name].append(1000 * (time.perf_counter() - start))
+    return times
