@@ -16,11 +16,13 @@ from graphopt.passes.factorize.tucker import FactorizeTucker
 from graphopt.passes.prune.channels import PruneChannels
 from graphopt.passes.prune.magnitude import PruneMagnitude
 from graphopt.passes.prune.n_m import PruneNM
+from graphopt.passes.quant.fold_qdq import FoldQDQ
 
 BUILTIN: tuple[type[Pass], ...] = (
     Canonicalize, FoldConstants, FoldBatchNorm, EliminateNoops, FuseMatMulAdd, EliminateDead,
     PruneMagnitude, PruneNM, PruneChannels,
     FactorizeSVD, FactorizeTucker,
+    FoldQDQ,
 )
 ALIASES = {"fold-bn": "fold-batchnorm", "dce": "eliminate-dead"}
 
