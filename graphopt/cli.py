@@ -281,6 +281,27 @@ def _target_options(p: argparse.ArgumentParser, required: bool = False, db_requi
     g.add_argument("--tune-seconds", type=float, metavar="S", help="tuning wall-clock budget")
 
 
+def cmd_quant_debug(args) -> int:
+    from graphopt.passes.quant.insert_qdq import Options, diagnose
+
+    graph = io.load(args.model)
+    specs = input_specs(graph)
+    feeds = load_feeds(args.data, specs) if args.data else random_feeds(specs, args.seed, batch=8)
+    if not args.data:
+        print("graphopt: warning: no --data; calibrating on random inputs", file=sys.stderr)
+    bar = None if args.json or args.quiet else ProgressBar("calibration")
+    ranking = diagnose(graph, feeds, Options(calibration=args.calibration), bar)
+    if bar:
+        bar.close()
+    if args.json:
+        print(json.dumps(ranking, indent=2))
+    else:
+        print(f"{'layer':<32} {'SQNR dB':>8}   (model outputs, only this layer quantized; worst first)")
+        for name, sqnr in ranking.items():
+            print(f"{name:<32} {sqnr:>8.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphopt", description="Compress ONNX models with verified graph passes.")
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
@@ -346,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("quant-debug", help="rank layers by the error their int8 quantization alone adds")
+    p.add_argument("model")
+    p.add_argument("--data", metavar="FILE", help="calibration inputs (.npz or .npy folder; default: random)")
+    p.add_argument("--calibration", default="minmax", choices=("minmax", "percentile", "entropy", "mse"))
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs when no --data is given")
+    p.add_argument("--json", action="store_true", help="print {layer: SQNR dB} as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_quant_debug)
     return parser
 
 
@@ -359,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"graphopt: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
-        print("graphopt: interrupted", file=sys.stderr)
+        print("graphopt: interrupted; nothing was written (a tuning database keeps its measured trials: re-run to resume)", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - last line of defence: one line, no traceback
         if os.environ.get("GRAPHOPT_DEBUG"):

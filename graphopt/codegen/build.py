@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.codegen import cuda, manifest
+from graphopt.codegen import cpu_pipeline, cuda, manifest
 from graphopt.codegen.targets import Target, fcompile, resolve, tvm_error_summary
 from graphopt.ir import io
 from graphopt.ir.errors import CodegenError
@@ -134,17 +134,19 @@ def _input_shape(info: onnx.ValueInfoProto, override: Sequence[int] | None) -> l
 
 def lower_for_tuning(mod, target: Target):
     """Relax with every operator lowered and fused into TIR kernels: the workloads MetaSchedule
-    tunes and a database is keyed by. The passes are those `static_shape_tuning_pipeline` runs
-    before tuning, so that a database the tuner writes matches what `apply_database` looks up."""
+    tunes and a database is keyed by: on CPUs the lowering half of graphopt's CPU pipeline, elsewhere
+    what `static_shape_tuning_pipeline` runs before tuning. The tuner and `apply_database` both use
+    it, so the keys a database is written with are the ones looked up."""
     import tvm
     from tvm import relax
 
+    if target.device == "cpu":  # the kernels the CPU pipeline would schedule by default
+        passes = cpu_pipeline.lowering_passes(target)
+    else:
+        passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+                  relax.pipeline.zero_pipeline()]
     with target.tvm_target():
-        return tvm.transform.Sequential([
-            relax.transform.DecomposeOpsForInference(),
-            relax.transform.CanonicalizeBindings(),
-            relax.pipeline.zero_pipeline(),
-        ])(mod)
+        return tvm.transform.Sequential(passes)(mod)
 
 
 def apply_database(mod, target: Target, database: str | os.PathLike):
@@ -217,9 +219,11 @@ def _tvm_compile(mod, target: Target):
 
     # CUDA source, so that the device code in the library is whatever _export decides on every machine.
     scope = cuda.source_codegen() if target.device == "cuda" else nullcontext()
+    # TVM's CPU pipeline schedules nothing; graphopt's schedules every kernel a database did not.
+    pipeline = cpu_pipeline.pipeline(target) if target.device == "cpu" else "default"
     try:
         with scope:
-            return tvm.compile(mod, target=target.tvm_target())
+            return tvm.compile(mod, target=target.tvm_target(), relax_pipeline=pipeline)
     except Exception as e:  # noqa: BLE001 - TVM raises many unrelated types
         raise CodegenError(f"TVM could not compile the model for {target.name}: {tvm_error_summary(e)}") from e
 

@@ -17,11 +17,13 @@ from graphopt.passes.prune.channels import PruneChannels
 from graphopt.passes.prune.magnitude import PruneMagnitude
 from graphopt.passes.prune.n_m import PruneNM
 from graphopt.passes.quant.fold_qdq import FoldQDQ
+from graphopt.passes.quant.insert_qdq import Quantize
 
 BUILTIN: tuple[type[Pass], ...] = (
     Canonicalize, FoldConstants, FoldBatchNorm, EliminateNoops, FuseMatMulAdd, EliminateDead,
     PruneMagnitude, PruneNM, PruneChannels,
     FactorizeSVD, FactorizeTucker,
+    Quantize,
     FoldQDQ,
 )
 ALIASES = {"fold-bn": "fold-batchnorm", "dce": "eliminate-dead"}

@@ -1,1 +1,2 @@
-"""Post-training quantization: calibration (calibrate.py) and QDQ insertion (insert_qdq.py)."""
+"""Quantization: calibration (calibrate.py), QDQ insertion (insert_qdq.py, the `quantize` pass) and
+fake-quant folding (fold_qdq.py)."""

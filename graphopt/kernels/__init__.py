@@ -1,0 +1,1 @@
+"""numba kernels used by passes: histograms and clipping-threshold searches for calibration."""

@@ -1,0 +1,110 @@
+"""Calibration: per-tensor ranges of activations observed in onnxruntime, batch by batch.
+
+    stats = calibrate(graph, ["conv0.out", ...], feeds, batch_size=32, progress=cb)
+    lo, hi = stats["conv0.out"].range("entropy")
+
+The model runs with the observed tensors added as extra outputs; each batch updates a running
+min, max and a 2048-bin histogram of |x| (graphopt.kernels.histogram) and is then dropped, so
+memory is bounded by one batch of activations plus 2048 floats per tensor. Methods: "minmax",
+"percentile" (of |x|), "entropy" (TensorRT's KL-divergence search) and "mse" (the clipping
+threshold with least expected squared error). The clipped methods are symmetric in |x|: the range
+is the observed [min, max] cut to [-T, T]. A model whose batch dimension is fixed runs in batches
+of that size.
+Verified by: tests/passes/quant/test_calibrate.py (batched vs whole-data statistics, numpy
+references) and tests/kernels/test_histogram.py (kernels vs slow references).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphopt.ir import ort
+from graphopt.ir.data import batches
+from graphopt.ir.errors import PipelineError
+from graphopt.ir.graph import export
+from graphopt.kernels import histogram
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+@dataclass
+class TensorStats:
+    """Running statistics of one tensor; `range(method)` turns them into a float range."""
+    lo: float = np.inf
+    hi: float = -np.inf
+    hist: np.ndarray | None = None
+    top: float = 0.0
+    count: int = 0
+    cache: dict = field(default_factory=dict)
+
+    def update(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        self.lo = min(self.lo, float(np.nanmin(values)))
+        self.hi = max(self.hi, float(np.nanmax(values)))
+        self.hist, self.top = histogram.accumulate(self.hist, self.top, values)
+        self.count += int(values.size)
+        self.cache.clear()
+
+    def range(self, method: str, percentile: float = 99.99, levels: int = 128) -> tuple[float, float]:
+        """(lo, hi) including 0, as a quantizer needs zero exactly representable."""
+        if self.count == 0:
+            raise PipelineError("calibration saw no values for a tensor (empty calibration data?)")
+        key = (method, percentile, levels)
+        if key not in self.cache:
+            self.cache[key] = self._range(method, percentile, levels)
+        return self.cache[key]
+
+    def _range(self, method: str, percentile: float, levels: int) -> tuple[float, float]:
+        lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
+        if method == "minmax":
+            return lo, hi
+        if method == "percentile":
+            t = histogram.percentile_threshold(self.hist, self.top, percentile)
+        elif method == "entropy":
+            t = histogram.kl_threshold(self.hist, self.top, levels)
+        elif method == "mse":
+            t = histogram.mse_threshold(self.hist, self.top, levels - 1)
+        else:
+            raise PipelineError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
+        return max(lo, -t), min(hi, t)
+
+
+def with_outputs(graph: gs.Graph, names: list[str]) -> onnx.ModelProto:
+    """The graph's model with `names` added as (float) graph outputs, so onnxruntime returns them."""
+    model = export(graph)
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model
+
+
+def _batch_size(graph: gs.Graph, requested: int) -> int:
+    fixed = [t.shape[0] for t in graph.inputs if t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0]
+    return fixed[0] if fixed else requested
+
+
+def calibrate(graph: gs.Graph, names: list[str], feeds: dict[str, np.ndarray], batch_size: int = 32,
+              progress: Callable[[int, int], None] | None = None) -> dict[str, TensorStats]:
+    """Statistics of each tensor in `names` over all samples of `feeds`, one batch at a time."""
+    stats = {name: TensorStats() for name in names}
+    if not names:
+        return stats
+    session = ort.session(with_outputs(graph, names))
+    total = min((len(v) for v in feeds.values()), default=0)
+    if total == 0:
+        raise PipelineError("calibration data is empty: pass --data with at least one sample")
+    done = 0
+    for batch in batches(feeds, _batch_size(graph, batch_size)):
+        outputs = ort.run(session, batch)
+        for name in names:
+            stats[name].update(outputs[name])
+        done += len(next(iter(batch.values())))
+        if progress:
+            progress(done, total)
+    return stats
