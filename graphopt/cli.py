@@ -389,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"graphopt: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
-        print("graphopt: interrupted; nothing was written (a tuning database keeps its measured trials: re-run to resume)", file=sys.stderr)
+        print("graphopt: interrupted; nothing was written (a tuning database keeps its measured trials: "
+              "re-run to resume)", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - last line of defence: one line, no traceback
         if os.environ.get("GRAPHOPT_DEBUG"):
