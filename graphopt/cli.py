@@ -278,7 +278,8 @@ def _target_options(p: argparse.ArgumentParser, required: bool = False, db_requi
     g.add_argument("--db", required=db_required, metavar="DIR",
                    help="tuning database folder, reused across runs (default with --tune: OUTDIR/tuning-db)")
     g.add_argument("--trials", type=int, default=64, help="tuning trial budget (default 64)")
-    g.add_argument("--tune-seconds", type=float, metavar="S", help="tuning wall-clock budget")
+    g.add_argument("--time-budget", "--tune-seconds", dest="tune_seconds", type=_duration, metavar="T",
+                   help="tuning wall-clock budget: seconds, or with a unit (90s, 10m, 1h)")
 
 
 def cmd_quant_debug(args) -> int:
@@ -300,6 +301,18 @@ def cmd_quant_debug(args) -> int:
         for name, sqnr in ranking.items():
             print(f"{name:<32} {sqnr:>8.2f}")
     return 0
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    scale = units.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1] if text[-1:].lower() in units else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration like 600, 90s, 10m or 1h") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}': the budget must be positive")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,3 +41,20 @@ def test_unknown_target_fails_before_any_work(tmp_path):
 def test_tune_needs_a_target(tmp_path):
     r = graphopt("optimize", DIGITS, "--tune", "-o", tmp_path / "out")
     assert r.returncode != 0 and "--tune needs --target" in r.stderr
+
+
+def test_tune_twice_with_one_db_runs_no_new_trials(tmp_path):
+    import onnx
+
+    from graphopt.testing.check import rng_array
+    from graphopt.testing.tiny import model, node
+
+    m = model([node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], {"x": (1, 4, 8, 8)}, {"y": None},
+              {"w": rng_array((8, 4, 3, 3))})
+    onnx.save(m, tmp_path / "conv.onnx")
+    runs = [graphopt("compile", tmp_path / "conv.onnx", "--target", "x86", "--tune", "--trials", 2,
+                     "--db", tmp_path / "db", "--time-budget", "2m", "-o", tmp_path / f"out{i}", "-q") for i in (1, 2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    first, second = (json.loads((tmp_path / f"out{i}" / "report.json").read_text()) for i in (1, 2))
+    assert first["tuning"]["trials"] >= 2 and second["tuning"]["trials"] == 0
+    assert second["codegen"]["fidelity"]["y"]["max_abs"] < 1e-4
