@@ -184,20 +184,24 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def skeleton_of(graph: gs.Graph) -> onnx.ModelProto:
-    """`skeleton(export(graph))` without exporting the weights it would throw away.
-
-    graphsurgeon's copy shares weight arrays, so turning the copy's large constants into typed
-    inputs costs nothing, and the export then copies the structure only.
-    """
+def without_large_weights(graph: gs.Graph, more_than: int) -> tuple[gs.Graph, list[gs.Variable]]:
+    """A copy of `graph` whose constants of more than `more_than` elements are typed variables,
+    and those variables. graphsurgeon's copy shares weight arrays, so this costs the structure only."""
     light = graph.copy()
-    inputs = {id(t) for t in light.inputs}
+    converted = []
     for t in list(light.tensors().values()):
-        if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) > SKELETON_MAX_ELEMENTS:
+        if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) > more_than:
             t.to_variable(dtype=t.dtype, shape=list(t.shape))
             t.type = "tensor_type"  # graphsurgeon leaves a converted constant without a type kind
-            if id(t) not in inputs:
-                light.inputs.append(t)
+            converted.append(t)
+    return light, converted
+
+
+def skeleton_of(graph: gs.Graph) -> onnx.ModelProto:
+    """`skeleton(export(graph))` without exporting the weights it would throw away."""
+    light, converted = without_large_weights(graph, SKELETON_MAX_ELEMENTS)
+    inputs = {id(t) for t in light.inputs}
+    light.inputs.extend(t for t in converted if id(t) not in inputs)
     return export(light)
 
 

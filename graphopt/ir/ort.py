@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +62,6 @@ def run(model, feeds: dict[str, np.ndarray], **session_kwargs) -> dict[str, np.n
 
 def latency_ms(model, feeds: dict[str, np.ndarray], repeat: int = 20, warmup: int = 3) -> float:
     """Median wall time of one run, with onnxruntime's own graph optimisations on (as deployed)."""
-    import statistics
-    import time
-
     sess = session(model, optimize=True)
     wanted = {i.name for i in sess.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in wanted}

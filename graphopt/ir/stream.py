@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphopt.ir.graph import export
+from graphopt.ir.graph import export, without_large_weights
 
 _MODEL_GRAPH = 7       # ModelProto.graph
 _GRAPH_INITIALIZER = 5  # GraphProto.initializer
@@ -37,14 +37,9 @@ def write(graph: gs.Graph, path: Path) -> None:
 
 def _split(graph: gs.Graph) -> tuple[onnx.ModelProto, list[gs.Constant]]:
     """The exported model without its large weights, and those weights (of `graph`, not a copy)."""
-    light = graph.copy()
+    light, converted = without_large_weights(graph, STREAM_MIN_ELEMENTS - 1)
     originals = graph.tensors()
-    streamed = []
-    for t in list(light.tensors().values()):
-        if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) >= STREAM_MIN_ELEMENTS:
-            streamed.append(originals[t.name])
-            t.to_variable(dtype=t.dtype, shape=list(t.shape))
-            t.type = "tensor_type"  # graphsurgeon leaves a converted constant without a type kind
+    streamed = [originals[t.name] for t in converted]
     model = export(light)
     names = {t.name for t in streamed}
     kept = [vi for vi in model.graph.value_info if vi.name not in names]
