@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.codegen import cpu_pipeline, cuda, manifest
+from graphopt.codegen import cpu_pipeline, cuda, manifest, onnx_import
 from graphopt.codegen.targets import Target, fcompile, resolve, tvm_error_summary
 from graphopt.ir import io
 from graphopt.ir.errors import CodegenError
@@ -30,11 +30,6 @@ from graphopt.ir.graph import export
 
 # Handled by the frontend outside its convert map.
 _FRONTEND_BUILTIN_OPS = frozenset({"Constant", "If"})
-# Ops whose absence has a known way around.
-_QUANTIZED_HINT = ("keep the model in QDQ form (DequantizeLinear -> Conv/MatMul -> QuantizeLinear), "
-                   "which TVM compiles")
-_HINTS = {"QLinearConv": _QUANTIZED_HINT, "QLinearMatMul": _QUANTIZED_HINT,
-          "ConvInteger": _QUANTIZED_HINT}
 _UNSUPPORTED_SHOWN = 10
 # The attribute MetaScheduleApplyDatabase sets on each kernel it found a schedule for.
 _SCHEDULED = "tirx.is_scheduled"
@@ -81,27 +76,21 @@ def compile(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Targe
 
 
 def check_supported(model: onnx.ModelProto) -> None:
-    """Raise CodegenError naming every node (in subgraphs too) whose op TVM's ONNX frontend lacks."""
-    from tvm.relax.frontend.onnx import onnx_frontend
-
-    known = set(onnx_frontend._get_convert_map()) | _FRONTEND_BUILTIN_OPS
+    """Raise CodegenError naming every node (in subgraphs too) whose op graphopt cannot import."""
+    known = onnx_import.known_ops() | _FRONTEND_BUILTIN_OPS
     missing = [n for n in _all_nodes(model.graph) if n.op_type not in known]
     if not missing:
         return
     shown = "; ".join(f"node '{n.name or '(unnamed)'}' ({n.op_type})" for n in missing[:_UNSUPPORTED_SHOWN])
     more = f"; and {len(missing) - _UNSUPPORTED_SHOWN} more" if len(missing) > _UNSUPPORTED_SHOWN else ""
-    hints = sorted({f"{n.op_type}: {_HINTS[n.op_type]}" for n in missing if n.op_type in _HINTS})
-    raise CodegenError(f"TVM's ONNX frontend cannot convert {shown}{more}"
-                       + (f". {'. '.join(hints)}" if hints else ""))
+    raise CodegenError(f"TVM's ONNX frontend cannot convert {shown}{more}")
 
 
 def to_relax(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None = None):
     """The model as a static-shaped Relax IRModule with its weights bound as constants."""
-    from tvm.relax.frontend.onnx import from_onnx
-
     shape_dict = static_shapes(model, shapes or {})
     try:
-        return from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+        return onnx_import.from_onnx(model, shape_dict)
     except Exception as e:  # noqa: BLE001 - the frontend raises anything from its converters
         raise CodegenError(f"TVM's ONNX frontend failed: {tvm_error_summary(e)}") from e
 

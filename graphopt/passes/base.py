@@ -88,6 +88,10 @@ class PassContext:
     seed: int = 0
     verify: bool = True
     progress: Callable[[str, int, int], None] | None = None
+    # Times a model (median ms) on the deployment target, for passes that choose by measuring
+    # (winograd's select="measure"); None means onnxruntime on this host. The CLI sets it to the
+    # compiled TVM function when a target is given, so passes never import codegen.
+    latency: Callable[[onnx.ModelProto, dict[str, np.ndarray]], float] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,53 @@
+"""ONNX -> Relax: TVM's ONNX frontend, plus the operators graphopt converts itself.
+
+TVM 0.27's frontend has no QLinearConv, QLinearMatMul, ConvInteger or MatMulInteger, and knows
+nothing of the convolutions graphopt's winograd pass marks for TVM. `CONVERTERS` maps those op
+types to converters with the frontend's converter signature, `(bb, inputs, attrs) -> relax.Expr`,
+where `inputs` holds `relax.Constant` for initializers (weights are bound, not parameters). The
+importer is the frontend's own, subclassed only at its two op-dispatch points, so every other op
+converts exactly as TVM converts it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import onnx
+
+# Each module adds `CONVERTERS: dict[str, Callable]`, imported here explicitly (no registration
+# by import side effect): graphopt.codegen.int8_import (QLinearConv, QLinearMatMul, ConvInteger,
+# MatMulInteger) and graphopt.codegen.winograd (WinogradConv, marked by the winograd pass).
+CONVERTERS: Mapping[str, Callable] = {}
+
+
+def known_ops() -> frozenset[str]:
+    """Every op type this importer converts."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return frozenset(onnx_frontend._get_convert_map()) | frozenset(CONVERTERS)
+
+
+def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
+    """`tvm.relax.frontend.onnx.from_onnx(model, shape_dict, keep_params_in_input=False)` with
+    graphopt's converters added."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    class Importer(onnx_frontend.ONNXGraphImporter):
+        def _check_for_unsupported_ops(self, graph):
+            ours = onnx.GraphProto()
+            ours.CopyFrom(graph)
+            kept = [n for n in ours.node if n.op_type not in CONVERTERS]
+            del ours.node[:]
+            ours.node.extend(kept)
+            super()._check_for_unsupported_ops(ours)
+
+        def _convert_operator(self, op_name, inputs, attrs, opset):
+            if op_name not in CONVERTERS:
+                return super()._convert_operator(op_name, inputs, attrs, opset)
+            return self.bb.normalize(CONVERTERS[op_name](self.bb, inputs, attrs))
+
+    importer = Importer(shape_dict, "float32", keep_params_in_input=False, sanitize=True)
+    return importer.from_onnx(model.graph, _opset(model))
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
