@@ -1,0 +1,112 @@
+"""The commands that only read models and print: inspect, passes, verify, sensitivity,
+quant-debug."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+
+from graphopt.cli.progress import ProgressBar
+from graphopt.ir import fidelity, io, ort
+from graphopt.ir.data import input_specs, load_feeds, random_feeds
+from graphopt.ir.errors import GraphoptError, PipelineError
+from graphopt.ir.graph import infer_shapes
+from graphopt.passes import registry
+from graphopt.passes.pipeline import Pipeline
+from graphopt.report import format_summary, summarize
+
+
+def cmd_inspect(args) -> int:
+    graph = infer_shapes(io.load(args.model))
+    summary = summarize(graph, layers=True)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_passes(args) -> int:
+    for cls in registry.BUILTIN:
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+        print(f"{cls.name}    [{cls.info.semantics.describe()}]")
+        for f in dataclasses.fields(cls.Options):
+            print(f"    option {f.name} = {f.default!r}")
+        print("    " + doc.replace("\n", "\n    ") + "\n")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    original, candidate = io.load(args.original), io.load(args.optimized)
+    specs = input_specs(original)
+    feeds = load_feeds(args.data, specs) if args.data else random_feeds(specs, args.seed)
+    ref, out = ort.run(original, feeds), ort.run(candidate, feeds)
+    try:
+        metrics = fidelity.compare(ref, out)
+    except ValueError as e:
+        raise GraphoptError(f"{args.optimized}: {e}") from None
+    worst = 1.0
+    for name, m in metrics.items():
+        print(f"{name}: max_abs={m.max_abs:.6g} cosine={m.cosine:.6f} sqnr_db={m.sqnr_db:.2f}")
+        worst = min(worst, m.cosine)
+    labels = _labels(args.data)
+    if labels is not None:
+        first = next(iter(ref))
+        acc = [float(np.mean(np.argmax(o[first], axis=-1) == labels)) for o in (ref, out)]
+        print(f"accuracy: original={acc[0]:.4f} optimized={acc[1]:.4f}")
+    if args.min_cosine is not None and worst < args.min_cosine:
+        print(f"cosine {worst:.6f} is below --min-cosine {args.min_cosine}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    from graphopt.passes import sensitivity
+    from graphopt.report import format_sensitivity
+
+    pipeline = Pipeline.parse(args.pass_spec)
+    layerwise = [c.name for c in registry.BUILTIN if hasattr(c, "apply_layer")]
+    if len(pipeline) != 1 or not hasattr(pipeline[0], "apply_layer"):
+        raise PipelineError(f"--pass takes one pass that works per layer ({', '.join(layerwise)}), "
+                            f"not {args.pass_spec!r}")
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        raise PipelineError(f"--ratios {args.ratios!r}: give fractions separated by commas, e.g. 0.25,0.5,0.75"
+                            ) from None
+    graph = io.load(args.model)
+    specs = input_specs(graph)
+    feeds = load_feeds(args.data, specs) if args.data else random_feeds(specs, args.seed)
+    bar = None if args.json or args.quiet else ProgressBar("sensitivity")
+    table = sensitivity.analyze_pass(graph, pipeline[0], ratios, feeds, _labels(args.data), bar)
+    if bar:
+        bar.close()
+    print(json.dumps(table.as_dict(), indent=2) if args.json else format_sensitivity(table.as_dict()))
+    return 0
+
+
+def _labels(data) -> np.ndarray | None:
+    if not data or not str(data).endswith(".npz"):
+        return None
+    with np.load(data, allow_pickle=False) as z:
+        return z["y"] if "y" in z.files else None
+
+
+def cmd_quant_debug(args) -> int:
+    from graphopt.passes.quant.insert_qdq import Options, diagnose
+
+    graph = io.load(args.model)
+    specs = input_specs(graph)
+    feeds = load_feeds(args.data, specs) if args.data else random_feeds(specs, args.seed, batch=8)
+    if not args.data:
+        print("graphopt: warning: no --data; calibrating on random inputs", file=sys.stderr)
+    bar = None if args.json or args.quiet else ProgressBar("calibration")
+    ranking = diagnose(graph, feeds, Options(calibration=args.calibration), bar)
+    if bar:
+        bar.close()
+    if args.json:
+        print(json.dumps(ranking, indent=2))
+    else:
+        print(f"{'layer':<32} {'SQNR dB':>8}   (model outputs, only this layer quantized; worst first)")
+        for name, sqnr in ranking.items():
+            print(f"{name:<32} {sqnr:>8.2f}")
+    return 0

@@ -1,0 +1,42 @@
+"""Progress shown on stderr: a bar for long loops (calibration, tuning), a line per pass."""
+from __future__ import annotations
+
+import sys
+import time
+
+from graphopt.passes.manager import Instrument
+
+
+class ProgressBar:
+    """A progress callback (done, total) drawn on stderr: redrawn in place on a terminal, a line
+    per tenth otherwise (logs stay short)."""
+
+    def __init__(self, label: str):
+        self.label, self.start, self.shown = label, time.perf_counter(), -1
+
+    def __call__(self, done: int, total: int) -> None:
+        total = max(total, 1)
+        elapsed = time.perf_counter() - self.start
+        if sys.stderr.isatty():
+            filled = int(30 * min(done, total) / total)
+            print(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {elapsed:.0f}s",
+                  end="", file=sys.stderr, flush=True)
+        elif 10 * done // total > self.shown:
+            self.shown = 10 * done // total
+            print(f"{self.label}: {done}/{total} ({elapsed:.0f}s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+class Progress(Instrument):
+    """One line per pass on stderr: what is running, then how long it took."""
+
+    def before_pass(self, pass_, graph, index, total):
+        print(f"[{index + 1}/{total}] {pass_!r} ...", end="", file=sys.stderr, flush=True)
+        self._start = time.perf_counter()
+
+    def after_pass(self, pass_, graph, record):
+        state = "modified" if record.modified else "unchanged"
+        print(f" {state} in {time.perf_counter() - self._start:.2f}s", file=sys.stderr, flush=True)
