@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import codegen
@@ -41,6 +42,17 @@ def build_for_target(graph: gs.Graph, target: Target, out_dir: str | os.PathLike
     section["fidelity"] = {k: m.as_dict() for k, m in fidelity.compare(ref, outputs).items()}
     section["latency_ms"] = round(lib.benchmark(batches[0], repeat=50), 4)
     return section
+
+
+def target_timer(target: Target) -> Callable[[onnx.ModelProto, dict[str, np.ndarray]], float] | None:
+    """What passes that choose by measuring time models with (`PassContext.latency`): the model
+    compiled by TVM for `target` on this machine, or None (onnxruntime) where `target` cannot run
+    here."""
+    if _cannot_run_here(target):
+        return None
+    from graphopt.codegen import measure
+
+    return measure.latency(target)
 
 
 def _cannot_run_here(target: Target) -> str | None:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import fidelity, io, ort
@@ -29,10 +31,12 @@ class Optimized:
 
 def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pipeline = "canonicalize",
              data: str | os.PathLike | dict[str, np.ndarray] | None = None, verify: bool = True,
-             instruments: tuple[Instrument, ...] = (), seed: int = 0, latency: bool = True) -> Optimized:
+             instruments: tuple[Instrument, ...] = (), seed: int = 0, latency: bool = True,
+             target_timer: Callable[[onnx.ModelProto, dict[str, np.ndarray]], float] | None = None) -> Optimized:
     """Run `passes` on `model` (a path or a graph, which is not modified) and report sizes, MACs,
     per-pass stats, fidelity against the original in onnxruntime and, when asked, onnxruntime
-    latency before and after (one sample, median of 20 runs)."""
+    latency before and after (one sample, median of 20 runs). `target_timer` times a model on the
+    deployment target for passes that choose by measuring (default: onnxruntime here)."""
     graph = io.load(model) if isinstance(model, (str, os.PathLike)) else model.copy()
     pipeline = Pipeline.parse(passes) if isinstance(passes, str) else Pipeline(passes)
     feeds = _feeds(graph, data, seed)
@@ -43,7 +47,7 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
     latency_before = ort.latency_ms(graph, sample) if latency else None
     checks = (FidelityInstrument(reference, feeds),) if verify else ()
     records = PassManager(pipeline, verify=verify, instruments=checks + tuple(instruments)).run(
-        graph, PassContext(feeds=feeds, seed=seed, verify=verify))
+        graph, PassContext(feeds=feeds, seed=seed, verify=verify, latency=target_timer))
     after = summarize(infer_shapes(graph))
     measured = fidelity.compare(reference, ort.run(graph, feeds))
     report = {

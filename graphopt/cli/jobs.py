@@ -49,7 +49,8 @@ def _job(args, pipeline: Pipeline, write_model: bool) -> int:
         raise GraphoptError(f"{args.model}: output {out_dir / MODEL_NAME} would overwrite the input model")
     target = _target(args)
     result = optimize(args.model, pipeline, data=args.data, verify=not args.no_verify,
-                      instruments=() if args.quiet or not pipeline else (Progress(),), seed=args.seed)
+                      instruments=() if args.quiet or not pipeline else (Progress(),), seed=args.seed,
+                      target_timer=_timer(target, pipeline))
     _write_outputs(result, out_dir, args, target, write_model)
     if not args.quiet:
         print_report(result.report, out_dir)
@@ -57,6 +58,16 @@ def _job(args, pipeline: Pipeline, write_model: bool) -> int:
         for line in _refusals(result.report["passes"]):
             print(line)
     return 0
+
+
+def _timer(target, pipeline: Pipeline):
+    """The target's timer, only when a pass will measure (compiling candidates costs seconds)."""
+    measures = any(getattr(p.options, "select", None) == "measure" for p in pipeline)
+    if target is None or not measures:
+        return None
+    from graphopt import deploy
+
+    return deploy.target_timer(target)
 
 
 def _target(args):
