@@ -26,6 +26,8 @@ def macs(node: gs.Node) -> int:
         if out is None or w is None:
             return 0
         return count(out) * count(w[1:])
+    if node.op == "WinogradConv" and node.domain == "ai.graphopt":
+        return _winograd_macs(node)
     if node.op == "ConvTranspose":
         x, w = _dims(node.inputs[0]), static_shape(node.inputs[1])
         if x is None or w is None:
@@ -39,3 +41,14 @@ def macs(node: gs.Node) -> int:
         k = a[0] if node.op == "Gemm" and node.attrs.get("transA", 0) else a[-1]
         return count(out) * k
     return 0
+
+
+def _winograd_macs(node: gs.Node) -> int:
+    """The element-wise products of F(m x m, 3 x 3): (m+2)^2 per output tile, channel pair and
+    image; the tile transforms are additions and a few scalings, not counted."""
+    out, w = _dims(node.outputs[0]), static_shape(node.inputs[1])
+    if out is None or w is None or len(out) != 4:
+        return 0
+    m = int(node.attrs.get("tile", 4))
+    tiles = -(-out[2] // m) * -(-out[3] // m)
+    return out[0] * tiles * (m + 2) ** 2 * out[1] * w[1]
