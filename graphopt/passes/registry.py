@@ -11,6 +11,7 @@ from graphopt.passes.cleanup.eliminate_noops import EliminateNoops
 from graphopt.passes.cleanup.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.cleanup.fold_constants import FoldConstants
 from graphopt.passes.cleanup.fuse_matmul_add import FuseMatMulAdd
+from graphopt.passes.conv.winograd import Winograd
 from graphopt.passes.factorize.svd import FactorizeSVD
 from graphopt.passes.factorize.tucker import FactorizeTucker
 from graphopt.passes.prune.channels import PruneChannels
@@ -18,6 +19,7 @@ from graphopt.passes.prune.magnitude import PruneMagnitude
 from graphopt.passes.prune.n_m import PruneNM
 from graphopt.passes.quant.fold_qdq import FoldQDQ
 from graphopt.passes.quant.insert_qdq import Quantize
+from graphopt.passes.quant.lower_int8 import LowerInt8
 
 BUILTIN: tuple[type[Pass], ...] = (
     Canonicalize, FoldConstants, FoldBatchNorm, EliminateNoops, FuseMatMulAdd, EliminateDead,
@@ -25,6 +27,8 @@ BUILTIN: tuple[type[Pass], ...] = (
     FactorizeSVD, FactorizeTucker,
     Quantize,
     FoldQDQ,
+    LowerInt8,
+    Winograd,
 )
 ALIASES = {"fold-bn": "fold-batchnorm", "dce": "eliminate-dead"}
 
