@@ -19,6 +19,11 @@ Rewrites (what the TVM importer in graphopt.codegen reads):
   DQ -> op -> Q        the op on the integers (MaxPool, Flatten, Reshape, Concat), or Max(q, zp)
                        for Relu: exact, as DequantizeLinear is monotonic and Q(DQ(q)) == q
 DequantizeLinear nodes left without readers go; graph inputs and outputs keep names and types.
+Then, with activations="uint8" (the default; "keep" keeps int8), each int8 activation becomes
+uint8 (shift_uint8.py): value + 128, so its writer (QuantizeLinear, QLinear*) and readers (QLinear*,
+*Integer, DequantizeLinear, Max's floor) take zero point zp + 128; MaxPool / Flatten / Reshape /
+Concat are unchanged; weights stay int8 (u8 x s8). A graph without integer ops is left alone; a
+graph input or output, or a tensor an unknown op touches, stays int8 (refused, in stats).
 Refuses, with the reason in stats: per-channel activations, uint8 weights or non-zero weight zero
 points (onnxruntime's integer kernels take symmetric int8 weights), float or shared weights, a
 bias that is float or not at scale input x weight, a scale or zero point computed at run time,
@@ -31,12 +36,22 @@ next layer by |weight| x input step, so a float model output is bounded in its o
 Measured against the QDQ model in onnxruntime: every tensor within 1 step layer by layer (up to 5
 steps end to end on the mobilenet builder's intermediates); output error at most 0.042 on the
 builders (transformer; outputs up to 6) and 0.029 on the digits logits (up to 19), with no
-digits prediction changed.
-Stats: `lowered` (each matched node and the form it became), `refused` (node, rule, reason) and
-`float_ops` (op types still computing in float, per count).
-Speed: onnxruntime's x86 QLinearConv is several times slower on int8 activations (s8 x s8) than
-on uint8 ones (u8 x s8), while its own fusion of an int8 QDQ model is not: for onnxruntime on x86,
-quantize with activation_type=uint8 before lowering (then as fast as onnxruntime's fusion).
+digits prediction changed. The uint8 shift is exact: every integer is the int8 one + 128 and every
+float output is bit for bit the int8 lowering's (tested on digits, the builders and each form),
+given u8 x s8 kernels that sum exactly, as VNNI's do (onnxruntime's AVX2 kernels without VNNI can
+saturate pairs of u8 x s8 products at int16, as its own uint8 QDQ fusion can; there use "keep").
+Stats: `lowered` (each matched node and the form it became, in the type before any shift),
+`refused` (node, rule, reason), `float_ops` (op types still computing in float, per count) and
+`uint8_activations` (tensors shifted to uint8).
+Speed: onnxruntime 1.32's x86 integer kernels are several times slower on int8 activations (s8 x
+s8) than on uint8 (u8 x s8), hence the default. Measured (ms, median, onnxruntime CPU, 1 thread,
+graph optimisations on, AMD EPYC with AVX512-VNNI; quantize with int8 activations):
+                     QDQ     lowered, keep   lowered, uint8   (quantize uint8: QDQ / lowered)
+  digits, batch 1    0.030   0.070           0.014            0.012 / 0.013
+  digits, batch 256  4.69    10.9            0.83             0.79 / 0.83
+  resnet builder, 1  0.147   0.606           0.084            0.075 / 0.076
+  resnet builder, 16 2.16    9.55            1.17             1.05 / 1.06
+(the gap to uint8 quantization: the Max that Relu needs at a symmetric zero point, not at 0 in uint8)
 Verified by: tests/passes/quant/test_lower_int8.py against the QDQ model in onnxruntime.
 """
 from __future__ import annotations
@@ -49,9 +64,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
+from graphopt.ir.errors import PipelineError
 from graphopt.ir.graph import attr, is_graph_output, producer
 from graphopt.passes.base import TOLERANCE, Pass, PassContext, PassInfo, PassResult
 from graphopt.passes.quant.fold_qdq import QTYPES, QParams, onnx_type, qparams
+from graphopt.passes.quant.shift_uint8 import to_uint8
 from graphopt.pattern import MatchResult, Rewriter, Rule, apply_rules, replacement_refusal
 
 LAYERS = ("Conv", "Gemm", "MatMul")
@@ -343,10 +360,20 @@ def lower_pass_through(rw: Rewriter, node: gs.Node, m: MatchResult) -> str:
     return f"{form} on {TensorProto.DataType.Name(p.qtype).lower()}"
 
 
+@dataclass(frozen=True)
+class Options:
+    activations: str = "uint8"  # "uint8": int8 activations shifted to uint8 (exact); "keep": int8
+
+    def __post_init__(self):
+        if self.activations not in ("uint8", "keep"):
+            raise PipelineError(f"lower-int8: activations={self.activations!r} must be 'uint8' or 'keep'")
+
+
 class LowerInt8(Pass):
     """QDQ layers to integer operators (QLinearConv, QLinearMatMul, MatMulInteger, ConvInteger)."""
 
     name = "lower-int8"
+    Options = Options
     # Opset 13: the per-axis DequantizeLinear quantize emits; Max on integers needs 12.
     info = PassInfo(TOLERANCE(0.0, ATOL), opset=(13, onnx.defs.onnx_opset_version()))
 
@@ -361,8 +388,14 @@ class LowerInt8(Pass):
         rules = (Rule("lower-layer", LAYERS, match_layer, recorded(lower_layer)),
                  Rule("integer-pass-through", PASS_THROUGH, match_pass_through, recorded(lower_pass_through)))
         stats = apply_rules(graph, rules)
-        return PassResult(stats.modified, {"lowered": lowered, "refused": stats.as_dict()["refused"],
-                                           "float_ops": float_ops(graph)})
+        refused = stats.as_dict()["refused"]
+        shifted = 0
+        if self.options.activations == "uint8":
+            shifted, kept = to_uint8(graph)
+            refused += kept
+        return PassResult(stats.modified or shifted > 0,
+                          {"lowered": lowered, "uint8_activations": shifted, "refused": refused,
+                           "float_ops": float_ops(graph)})
 
 
 def float_ops(graph: gs.Graph) -> dict[str, int]:

@@ -8,6 +8,7 @@ import pytest
 
 from graphopt.cli import main
 from graphopt.ir import ort
+from graphopt.ir.errors import PipelineError
 from graphopt.ir.data import input_specs, random_feeds
 from graphopt.optimize import optimize
 from graphopt.passes.base import PassContext
@@ -65,8 +66,8 @@ def layer_lsb(qdq: gs.Graph, lowered: gs.Graph, feeds: dict) -> dict[str, tuple[
     return found
 
 
-def lowered_checked(qdq: gs.Graph, inputs: list[dict] | None = None):
-    graph, result, _ = check_pass(qdq, LowerInt8(), inputs)
+def lowered_checked(qdq: gs.Graph, inputs: list[dict] | None = None, **options):
+    graph, result, _ = check_pass(qdq, LowerInt8(**options), inputs)
     kinds = Counter(ops(graph))
     assert INTEGER_OPS & set(kinds), kinds
     assert set(kinds) - set(ops(qdq)) <= EMITTED, kinds
@@ -77,7 +78,7 @@ def lowered_checked(qdq: gs.Graph, inputs: list[dict] | None = None):
 @pytest.mark.parametrize("build", BUILDERS)
 def test_builders_lowered_within_one_step_per_layer(build, activation_type):
     qdq = quantized(BUILDERS[build](), activation_type)
-    graph, result = lowered_checked(qdq)
+    graph, result = lowered_checked(qdq, activations="keep")  # the QDQ model's own integers
     assert result.stats["lowered"] and not result.stats["refused"]
     lsb = layer_lsb(qdq, graph, random_feeds(input_specs(qdq), seed=3, batch=2))
     print(f"{build} {activation_type}: steps (alone, end to end) {lsb}")
@@ -94,7 +95,7 @@ def test_digits_predictions_and_steps(activation_type):
     test = np.load(DIGITS_TEST)
     feeds = {"x": test["x"].astype(np.float32)}
     qdq = digits_qdq(activation_type=activation_type)
-    graph, result = lowered_checked(qdq, [feeds])
+    graph, result = lowered_checked(qdq, [feeds], activations="keep")
     # Every layer and pass-through op becomes integer; only the requantization stays float.
     assert result.stats["float_ops"] == {"Cast": 2, "Mul": 2}, result.stats["float_ops"]
     assert "DequantizeLinear" not in ops(graph)
@@ -151,7 +152,7 @@ CONV_CASES = {
 def test_conv_forms(case):
     kwargs, form = CONV_CASES[case]
     m = qdq_conv(**kwargs)
-    graph, result = lowered_checked(gs.import_onnx(m))
+    graph, result = lowered_checked(gs.import_onnx(m), activations="keep")
     assert result.stats["lowered"] == {"Conv 'conv'": form}
     assert "Relu" not in ops(graph) or not kwargs.get("output_q", True)
     lsb = layer_lsb(gs.import_onnx(m), graph, {"x": rng_array((2, 3, 6, 6), 1)})
@@ -193,7 +194,7 @@ MATMUL_CASES = {
 def test_matmul_forms(case):
     kwargs, form = MATMUL_CASES[case]
     m = qdq_matmul(**kwargs)
-    graph, result = lowered_checked(gs.import_onnx(m))
+    graph, result = lowered_checked(gs.import_onnx(m), activations="keep")
     assert result.stats["lowered"] == {f"{kwargs.get('op', 'MatMul')} 'mm'": form}
     assert max(alone for alone, _ in layer_lsb(gs.import_onnx(m), graph, {"x": rng_array((3, 6), 2)}).values()) <= 1
 
@@ -280,5 +281,103 @@ def test_registered_and_cli(tmp_path):
                  "--data", str(DIGITS_CALIB), "-o", str(out)]) == 0
     lowered = onnx.load(str(out / "model.opt.onnx"))
     assert {"QLinearConv", "MatMulInteger"} <= {n.op_type for n in lowered.graph.node}
-    x = np.load(DIGITS_TEST)["x"][:8].astype(np.float32)
-    assert ort.run(lowered, {"x": x})["logits"].shape == (8, 10)
+    assert uint8_activations(gs.import_onnx(lowered))
+    test = np.load(DIGITS_TEST)
+    feeds = {"x": test["x"].astype(np.float32)}
+    ref, out = ort.run(digits_qdq(), feeds)["logits"], ort.run(lowered, feeds)["logits"]
+    assert out.shape == (len(test["y"]), 10)
+    assert (ref.argmax(1) == test["y"]).mean() == (out.argmax(1) == test["y"]).mean()
+
+
+# -- activations="uint8": int8 activations shifted to uint8, exactly ---------------------------
+def int8_variables(graph: gs.Graph) -> list[str]:
+    return [n for n, t in graph.tensors().items() if isinstance(t, gs.Variable) and t.dtype is not None
+            and np.dtype(t.dtype) == np.int8]
+
+
+def uint8_activations(graph: gs.Graph) -> bool:
+    """Every integer op reads and writes uint8 activations, and its weight stays int8."""
+    found = False
+    for n in graph.nodes:
+        if n.op in INTEGER_OPS:
+            found = True
+            assert np.dtype(n.inputs[0].dtype) == np.uint8, (n.name, n.inputs[0].dtype)
+            weight = n.inputs[3] if n.op.startswith("QLinear") else n.inputs[1]
+            assert weight.values.dtype == np.int8, n.name
+            if n.op.startswith("QLinear"):
+                assert n.inputs[2].values.dtype == n.inputs[7].values.dtype == np.uint8
+                assert np.dtype(n.outputs[0].dtype) == np.uint8
+        if n.op in ("Max", "MaxPool", "Flatten", "Reshape", "Concat", "QuantizeLinear") \
+                and n.outputs[0].dtype is not None and np.dtype(n.outputs[0].dtype) != np.float32:
+            assert np.dtype(n.outputs[0].dtype) == np.uint8, (n.name, n.outputs[0].dtype)
+    return found
+
+
+def assert_shift_exact(qdq: gs.Graph, feeds: dict, **check) -> gs.Graph:
+    """Lowered with activations="uint8" and "keep": every output bit for bit equal, and every int8
+    tensor of the kept lowering equal to the uint8 lowering's minus 128."""
+    kept, _ = lowered_checked(qdq, **check, activations="keep")
+    graph, result = lowered_checked(qdq, **check)
+    names = int8_variables(kept)
+    assert names and not int8_variables(graph), int8_variables(graph)
+    assert result.stats["uint8_activations"] == len(names) and not result.stats["refused"], result.stats
+    assert uint8_activations(graph)
+    k, u = ort.run(exposed(kept, names), feeds), ort.run(exposed(graph, names), feeds)
+    for name in k:
+        if name in names:
+            assert u[name].dtype == np.uint8, name
+            assert np.array_equal(u[name].astype(np.int16), k[name].astype(np.int16) + 128), name
+        else:
+            assert np.array_equal(u[name], k[name]), name
+    return graph
+
+
+@pytest.mark.parametrize("build", ["resnet", "transformer"])
+def test_uint8_equals_int8_kept_builders(build):
+    qdq = quantized(BUILDERS[build](), "int8")
+    assert_shift_exact(qdq, random_feeds(input_specs(qdq), seed=4, batch=2))
+
+
+def test_uint8_equals_int8_kept_digits():
+    feeds = {"x": np.load(DIGITS_TEST)["x"].astype(np.float32)}
+    graph = assert_shift_exact(digits_qdq(), feeds, inputs=[feeds])
+    assert {"QLinearConv", "MatMulInteger", "MaxPool", "Max"} <= set(ops(graph))
+
+
+@pytest.mark.parametrize("model_", ["conv relu", "conv float output", "matmul int8 in, uint8 out", "gemm bias"])
+def test_uint8_hand_built_forms(model_):
+    m = {"conv relu": lambda: qdq_conv(), "conv float output": lambda: qdq_conv(output_q=False),
+         "matmul int8 in, uint8 out": lambda: qdq_matmul(ytype=np.uint8),
+         "gemm bias": lambda: qdq_matmul(op="Gemm")}[model_]()
+    x = {"x": rng_array(tuple(d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim), 5)}
+    assert_shift_exact(gs.import_onnx(m), x, inputs=[x])
+
+
+def test_uint8_model_unchanged_by_shift():
+    qdq = quantized(BUILDERS["mlp"](), "uint8")
+    kept, _ = lowered_checked(qdq, activations="keep")
+    graph, result = lowered_checked(qdq)
+    assert result.stats["uint8_activations"] == 0
+    assert [(n.op, [t.name for t in n.inputs]) for n in graph.nodes] == \
+        [(n.op, [t.name for t in n.inputs]) for n in kept.nodes]
+
+
+@pytest.mark.parametrize("via", ["graph output", "Identity"])
+def test_uint8_keeps_int8_at_boundaries(via):
+    """An int8 tensor that is a graph output or read by an op the shift does not know stays int8,
+    with the reason, and so does the layer whose type it shares."""
+    m = qdq_matmul()
+    if via == "Identity":
+        m.graph.node.append(node("Identity", ["xq"], ["xi"]))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("xq" if via == "graph output" else "xi",
+                                                             onnx.TensorProto.INT8, [3, 6]))
+    graph, result, _ = check_pass(m, LowerInt8())
+    assert result.stats["lowered"] == {"MatMul 'mm'": "QLinearMatMul"}
+    assert "xq" in int8_variables(graph) and "yq" in int8_variables(graph)
+    assert any(via in r and "xq" in r for r in refusals(result.stats)), refusals(result.stats)
+
+
+def test_activations_option():
+    assert repr(LowerInt8(activations="keep")) == "lower-int8(activations='keep')"
+    with pytest.raises(PipelineError, match="'uint8' or 'keep'"):
+        LowerInt8(activations="int8")
