@@ -59,7 +59,7 @@ def compile(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Targe
     target = resolve(target) if isinstance(target, str) else target
     proto, digest = _read(model)
     check_supported(proto)
-    mod = to_relax(proto, shapes)
+    mod = to_relax(proto, shapes, target)
     signature = {"inputs": _tensor_specs(proto_inputs(proto), mod["main"].params),
                  "outputs": _output_specs(proto, mod["main"].ret_ty)}
     tuned = None
@@ -86,11 +86,16 @@ def check_supported(model: onnx.ModelProto) -> None:
     raise CodegenError(f"TVM's ONNX frontend cannot convert {shown}{more}")
 
 
-def to_relax(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None = None):
-    """The model as a static-shaped Relax IRModule with its weights bound as constants."""
+def to_relax(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None = None,
+             target: Target | None = None):
+    """The model as a static-shaped Relax IRModule with its weights bound as constants.
+
+    Converters that choose kernels by target (the int8 ones) read `target` as TVM's current
+    target; without one they emit target-independent Relax."""
     shape_dict = static_shapes(model, shapes or {})
     try:
-        return onnx_import.from_onnx(model, shape_dict)
+        with target.tvm_target() if target is not None else nullcontext():
+            return onnx_import.from_onnx(model, shape_dict)
     except Exception as e:  # noqa: BLE001 - the frontend raises anything from its converters
         raise CodegenError(f"TVM's ONNX frontend failed: {tvm_error_summary(e)}") from e
 

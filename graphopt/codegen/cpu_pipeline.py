@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt.codegen import cpu_schedules
+from graphopt.codegen import cpu_schedules, transpose_sinking
 from graphopt.codegen.targets import Target
 
 
@@ -54,6 +54,7 @@ def lowering_passes(target: Target) -> list:
         _inference_forms(),
         _channels_last(),
         _constant_layouts(),
+        transpose_sinking.sink_transposes(),  # between int8 kernels, which compute NHWC
         *cpu.legalize_passes(tvm_target),
     ]
 

@@ -124,8 +124,11 @@ def _register_block(vectors: int, rows: int, budget: int) -> tuple[int, int]:
     row, since one leaves a broadcast load per FMA and more re-stream the vector operand (the
     weights, in NHWC) from L2 for fewer rows; then as many rows as possible. Measured on 3x3
     convolutions with 64 and 128 channels: 2x14 runs 1.2-1.3x faster than 4x7 and 1.1x than 1x28."""
+    # The accumulators and the v vectors loaded per step must fit in the registers with the
+    # broadcast value: more spill accumulators to the stack on every step.
     shapes = [(v, r) for v in range(1, min(vectors, budget) + 1) if vectors % v == 0
-              for r in range(1, min(rows, budget // v) + 1) if rows % r == 0]
+              for r in range(1, min(rows, budget // v) + 1) if rows % r == 0
+              and v * (r + 1) < budget + _SPARE_REGISTERS]
     return max(shapes, key=lambda s: (s[0] * s[1], -abs(s[0] - 2), s[1]))
 
 
@@ -178,13 +181,14 @@ def _epilogue(sch, block_rv) -> list | None:
     return chain
 
 
-def _schedule_reduction(sch, block_rv, simd: Simd) -> bool:
-    """Tile the reduction and fuse its epilogue into each tile; False if it has no plan."""
+def _schedule_reduction(sch, block_rv, simd: Simd, fuse_epilogue: bool = True) -> bool:
+    """Tile the reduction and fuse its epilogue into each tile (unless told not to: its
+    consumer is another reduction); False if it has no plan."""
     plan = _plan(sch.get(block_rv), simd)
     if plan is None:
         return False
     parallel = math.prod(int(it.dom.extent) for it in sch.get(block_rv).iter_vars) >= _PARALLEL_MIN_MACS
-    epilogue = _epilogue(sch, block_rv)
+    epilogue = _epilogue(sch, block_rv) if fuse_epilogue else []
     tiled = _tile(sch, block_rv, plan) if epilogue is not None else None
     if tiled is None:
         return False
@@ -228,6 +232,43 @@ def _vectorize_innermost(sch, block_rv, simd: Simd, first: int = 0) -> None:
         sch.parallel(fused)
 
 
+# Positions along the input's contiguous axis per tile of a transpose: the cache lines (and pages)
+# a tile's gathers touch stay in L1 (and the TLB) for the tile's next vectors. Measured on a
+# 256x56x56 quantize + NCHW->NHWC transpose: 0.89 ms untiled, 0.21 ms in 8 x 16 tiles.
+_TRANSPOSE_TILE = 8
+
+
+def _schedule_transpose(sch, block_rv, simd: Simd) -> bool:
+    """Tile a transposing block (its output's contiguous axis is not its input's) into tiles of
+    `_TRANSPOSE_TILE` input-contiguous positions x one vector of output-contiguous ones, the
+    vector innermost, the tiles parallel; False when the block is no transpose."""
+    block = sch.get(block_rv)
+    var_at = {it.var: i for i, it in enumerate(block.iter_vars)}
+    out_index = _index_vars(block.writes[0])
+    if not out_index or len(out_index[-1]) != 1:
+        return False
+    out_axis = var_at.get(next(iter(out_index[-1])))
+    in_axes = [var_at.get(next(iter(index[-1]))) for index in map(_index_vars, block.reads)
+               if len(index) == len(out_index) and len(index[-1]) == 1]
+    in_axis = next((a for a in in_axes if a is not None and a != out_axis), None)
+    loops = _loops_by_iter(sch, block_rv)
+    if out_axis is None or in_axis is None or loops is None:
+        return False
+    extents = [int(it.dom.extent) for it in block.iter_vars]
+    lanes = _largest_divisor(extents[out_axis], simd.lanes, power_of_two=True)
+    tile = _largest_divisor(extents[in_axis], _TRANSPOSE_TILE)
+    if lanes < 4 or tile < 4:
+        return False
+    in_outer, in_inner = sch.split(loops[in_axis], [None, tile])
+    out_outer, out_inner = sch.split(loops[out_axis], [None, lanes])
+    others = [loop for i, loop in enumerate(loops) if i not in (in_axis, out_axis)]
+    sch.reorder(*others, in_outer, out_outer, in_inner, out_inner)
+    sch.vectorize(out_inner)
+    if math.prod(extents) >= _PARALLEL_MIN_ELEMENTS:
+        sch.parallel(sch.fuse(*others, in_outer))
+    return True
+
+
 def _is_copy(block) -> bool:
     import tvm
     from tvm import tirx
@@ -248,6 +289,80 @@ def _inline_into_last(sch, blocks: list) -> list:
     return [*left, blocks[-1]]
 
 
+# -- Winograd convolutions (graphopt.codegen.winograd) -----------------------------------------
+# TOPI's annotations on the transform stages, which MetaSchedule's Winograd rules key on too.
+_WINOGRAD_STAGES = ("conv2d_nchw_winograd_data_pack", "conv2d_nchw_winograd_inverse")
+# Multiply-adds per tile a transform is unrolled into at most: F(4x4)'s 6^4. F(6x6)'s 8^4 take
+# LLVM minutes to compile, and unrolling less leaves the transform matrices as selects at run
+# time, as slow as no schedule; F(6x6) kernels keep TVM's loops unless tuned.
+_MAX_UNROLLED = 1296
+
+
+def _schedule_winograd(sch, blocks: list, simd: Simd) -> bool:
+    """TOPI's NCHW Winograd kernel: data transform, batched GEMM, inverse transform, output.
+
+    Each transform is tiled along its two outer axes, in parallel, with the alpha x alpha (or
+    m x m) tile loops and the reduction over the other tile fully unrolled, so that the transform
+    matrices, inlined, become constants LLVM folds; the batched GEMM gets the register-blocked
+    reduction schedule; the output stage and its fused epilogue are vectorized. False when the
+    kernel is not one of these.
+    """
+    stages = {sch.get(b).annotations.get("schedule_rule"): b for b in blocks}
+    if not all(name in stages for name in _WINOGRAD_STAGES):
+        return False
+    data_pack, inverse = (stages[name] for name in _WINOGRAD_STAGES)
+    if math.prod(int(it.dom.extent) for it in sch.get(data_pack).iter_vars[:2]) ** 2 > _MAX_UNROLLED:
+        return False
+    for block in blocks:
+        if not sch.get(block).reads:  # a transform matrix, computed from constants
+            sch.compute_inline(block)
+    input_tile = sch.get_producers(data_pack)[0]
+    sch.compute_inline(sch.get_producers(input_tile)[0])  # the padding
+    # Each tile's input gathered once per tile, with the padding checks, and then read back from
+    # L1 along the vector lanes by the alpha^4 unrolled multiply-adds (inlined, every one gathers).
+    sch.transform_layout(input_tile, ("write", 0), lambda ci, p, eps, nu: (eps, nu, ci, p))
+    bgemm = sch.get_producers(inverse)[0]
+    sch.compute_at(input_tile, _unrolled_transform(sch, data_pack, tiled=(2, 3), simd=simd), preserve_unit_loops=True)
+    *tile_loops, lane = _reordered(sch, input_tile, (0, 2, 3, 1))
+    for loop in tile_loops:
+        sch.unroll(loop)
+    sch.vectorize(lane)
+    if not _schedule_reduction(sch, bgemm, simd, fuse_epilogue=False):
+        return False
+    _unrolled_transform(sch, inverse, tiled=(0, 1), simd=simd)
+    for block in _inline_into_last(sch, sch.get_consumers(inverse)[:1] + _epilogue(sch, sch.get_consumers(inverse)[0])):
+        _vectorize_innermost(sch, block, simd)
+    return True
+
+
+def _unrolled_transform(sch, block_rv, tiled: tuple[int, int], simd: Simd):
+    """Loops (tiled outer, tiled inner / lanes, the other two spatial and both reduction loops
+    unrolled, lanes), the outer ones fused in parallel; returns that parallel loop."""
+    loops = sch.get_loops(block_rv)
+    unrolled = [lp for i, lp in enumerate(loops) if i not in tiled]
+    inner = int(sch.get(loops[tiled[1]]).extent)
+    outer, lane = sch.split(loops[tiled[1]], [None, _largest_divisor(inner, simd.lanes, power_of_two=True)])
+    sch.reorder(loops[tiled[0]], outer, *unrolled, lane)
+    tiles = sch.fuse(loops[tiled[0]], outer)
+    sch.parallel(tiles)
+    for loop in unrolled:
+        sch.unroll(loop)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(block_rv, unrolled[2])
+    *init_unrolled, init_lane = sch.get_loops(init)[1:]
+    for loop in init_unrolled:
+        sch.unroll(loop)
+    sch.vectorize(init_lane)
+    return tiles
+
+
+def _reordered(sch, block_rv, order: tuple[int, ...]) -> list:
+    """The block's loops below its outermost one, reordered."""
+    loops = sch.get_loops(block_rv)[1:]
+    sch.reorder(*(loops[i] for i in order))
+    return [loops[i] for i in order]
+
+
 # -- one kernel --------------------------------------------------------------------------------
 def schedule(func, simd: Simd):
     """A schedule for one unscheduled kernel, or None when it is none of the shapes handled here
@@ -266,10 +381,11 @@ def schedule(func, simd: Simd):
     try:
         if not reducing:
             for block in _inline_into_last(sch, blocks):
-                _vectorize_innermost(sch, block, simd)
+                if not _schedule_transpose(sch, block, simd):
+                    _vectorize_innermost(sch, block, simd)
             return sch
         if len(reducing) != 1:
-            return None
+            return sch if _schedule_winograd(sch, blocks, simd) else None
         producers = blocks[:blocks.index(reducing[0])]
         if not _schedule_reduction(sch, reducing[0], simd):
             return None

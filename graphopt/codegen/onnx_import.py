@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping
 
 import onnx
 
+from graphopt.codegen import int8_import, winograd
+
 # Each module adds `CONVERTERS: dict[str, Callable]`, imported here explicitly (no registration
 # by import side effect): graphopt.codegen.int8_import (QLinearConv, QLinearMatMul, ConvInteger,
 # MatMulInteger) and graphopt.codegen.winograd (WinogradConv, marked by the winograd pass).
-CONVERTERS: Mapping[str, Callable] = {}
+CONVERTERS: Mapping[str, Callable] = {**int8_import.CONVERTERS, **winograd.CONVERTERS}
 
 
 def known_ops() -> frozenset[str]:

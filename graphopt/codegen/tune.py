@@ -135,7 +135,7 @@ def _extract_tasks(proto: onnx.ModelProto, shapes, target: Target, tuning_target
     from tvm.s_tir import meta_schedule as ms
 
     build.check_supported(proto)
-    lowered = build.lower_for_tuning(build.to_relax(proto, shapes), target)
+    lowered = build.lower_for_tuning(build.to_relax(proto, shapes, target), target)
     return list(ms.relax_integration.extract_tasks(lowered, tuning_target))
 
 

@@ -77,6 +77,11 @@ SINGLE_OPS = {
                             {"y": None}),
     "maxpool": model([node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
                      {"x": (1, 16, 15, 15)}, {"y": None}),
+    # Tiled (`_schedule_transpose`), and one whose output axis is too short to tile.
+    "transpose-to-nhwc": model([node("Transpose", ["x"], ["y"], perm=[0, 2, 3, 1])], {"x": (1, 48, 20, 24)},
+                               {"y": None}),
+    "transpose-to-nchw-odd": model([node("Transpose", ["x"], ["y"], perm=[0, 3, 1, 2])], {"x": (2, 9, 11, 32)},
+                                   {"y": None}),
 }
 
 

@@ -1,0 +1,130 @@
+"""WinogradConv -> TVM's Winograd convolution F(m x m, 3 x 3).
+
+graphopt's winograd pass (`emit="tvm"`) marks a 3x3 convolution (stride 1, dilation 1, group 1,
+constant weights) as `ai.graphopt::WinogradConv` with `pads` (ONNX order) and `tile` (m = 2, 4
+or 6). It becomes one kernel computing TOPI's NCHW Winograd stages: the data transform
+(`data_pack`), the batched GEMM over the alpha x alpha tile positions (`bgemm`, alpha = m + 2) and
+the inverse transform (`inverse`); a bias add and the activations after it fuse into the kernel's
+output. The weight transform U = G w G^T is done here, once, in float64 numpy with TOPI's own G,
+so that U matches the data and inverse transforms TOPI generates and no kernel runs it per call.
+
+Layout: the kernel reads and writes NCHW, the layout TOPI's precomputed-weight Winograd has (its
+NHWC variant recomputes the weight transform in every call). graphopt's CPU pipeline turns plain
+convolutions to NHWC; a Winograd kernel between two of them gets a transpose on each side, while
+chains of Winograd layers and the elementwise ops between them stay NCHW without any.
+
+The kernel's blocks keep TOPI's `schedule_rule` annotations, so MetaSchedule tunes them with its
+Winograd rules (data pack and inverse unrolled over the tile, bgemm multi-level tiled), and
+`cpu_schedules` recognizes them for the untuned default.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from graphopt.ir.errors import CodegenError
+
+TILES = (2, 4, 6)
+KERNEL = 3
+# Tile counts are made multiples of this where that costs at most MAX_EXTRA_TILES times the work.
+VECTOR_TILES = 16
+MAX_EXTRA_TILES = 1.5
+
+
+def convert(bb, inputs, attrs: dict):
+    """The frontend converter for WinogradConv: `(bb, inputs, attrs) -> relax.Expr`."""
+    import tvm
+    from tvm import relax, te
+    from tvm.topi.nn.conv2d import _conv2d_winograd_nchw_impl
+
+    data, weight = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    tile = int(attrs.get("tile", 0))
+    pads = tuple(int(p) for p in attrs.get("pads", (0, 0, 0, 0)))
+    if tile not in TILES:
+        raise CodegenError(f"WinogradConv: tile must be one of {TILES}, not {tile}")
+    if len(pads) != 4:
+        raise CodegenError(f"WinogradConv: pads must be 4 ints (top, left, bottom, right), not {list(pads)}")
+    if not isinstance(weight, tvm.ir.GenericConst):
+        raise CodegenError("WinogradConv: the weights must be a constant (an initializer)")
+    w = weight.value.numpy()
+    channels = data.ty.shape.values[1]
+    if w.ndim != 4 or w.shape[2:] != (KERNEL, KERNEL) or int(channels) != w.shape[1]:
+        raise CodegenError(f"WinogradConv: weights of shape {list(w.shape)} are not 3x3 over the "
+                           f"input's {channels} channels")
+    transformed = relax.const(weight_transform(w, tile))
+
+    n, _, height, width = (int(d) for d in data.ty.shape.values)
+    out_h, out_w = height + pads[0] + pads[2] - KERNEL + 1, width + pads[1] + pads[3] - KERNEL + 1
+    if out_h < 1 or out_w < 1:
+        raise CodegenError(f"WinogradConv: a {height}x{width} input with pads {list(pads)} has no output")
+    # TOPI's NCHW kernel pads by `pads` only, yet reads whole tiles: where m does not divide the
+    # output it reads past the padded input, and the garbage leaks into the last tile's outputs
+    # through the transforms. Padding the bottom and right up to whole tiles (and beyond, see
+    # _tile_grid) and cropping the output afterwards keeps every read in bounds.
+    tiles_h, tiles_w = _tile_grid(n, -(-out_h // tile), -(-out_w // tile))
+    extra_h, extra_w = tiles_h * tile - out_h, tiles_w * tile - out_w
+    padding = (pads[0], pads[1], pads[2] + extra_h, pads[3] + extra_w)
+
+    def winograd(x, u):
+        # TOPI's public wrapper fixes m = 4; its implementation takes the tile size.
+        y = _conv2d_winograd_nchw_impl(x, u, 1, padding, 1, str(x.dtype), tile, pre_computed=True)
+        if not (extra_h or extra_w):
+            return y
+        return te.compute((n, w.shape[0], out_h, out_w), lambda *i: y(*i), name="winograd_crop")
+
+    out = bb.emit_te(winograd, data, transformed, primfunc_name_hint=f"winograd_f{tile}x{tile}")
+    if bias is None:
+        return out
+    return bb.emit(relax.op.add(out, relax.op.reshape(bias, (1, w.shape[0], 1, 1))))
+
+
+CONVERTERS = {"WinogradConv": convert}
+
+
+def _tile_grid(batch: int, rows: int, cols: int) -> tuple[int, int]:
+    """Tile rows and columns to compute: at least `rows` x `cols`, and more where that makes the
+    tile count P a multiple of VECTOR_TILES for at most MAX_EXTRA_TILES more work.
+
+    P is the contiguous axis of every intermediate and the one the kernels vectorize: at 56x56,
+    F(4x4) has 14 x 14 = 196 tiles, which 4-lane vectors divide at best; 14 x 16 fill AVX-512's
+    16 lanes for 14% more tiles (the extra ones read zeros and are cropped).
+    """
+    grids = [(r, c) for r in range(rows, rows + VECTOR_TILES) for c in range(cols, cols + VECTOR_TILES)
+             if batch * r * c % VECTOR_TILES == 0 and r * c <= MAX_EXTRA_TILES * rows * cols]
+    return min(grids, key=lambda g: (g[0] * g[1], g), default=(rows, cols))
+
+
+def weight_transform(weights: np.ndarray, tile: int) -> np.ndarray:
+    """U[eps, nu, ci, co] = (G w[co, ci] G^T)[eps, nu], the layout TOPI's bgemm reads."""
+    g = transform_matrices(tile)[2]
+    u = np.einsum("ak,ockl,bl->abco", g, weights.astype(np.float64), g)
+    return np.ascontiguousarray(u.astype(weights.dtype))
+
+
+@functools.cache
+def transform_matrices(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TOPI's (A, B, G) for F(tile x tile, 3 x 3) as float64 arrays.
+
+    TOPI hands them out only as TE tensors whose bodies select among the constants; each entry is
+    read back by simplifying that body at the entry's indices.
+    """
+    from tvm.topi.nn.winograd_util import winograd_transform_matrices
+
+    return tuple(_values(m) for m in winograd_transform_matrices(tile, KERNEL, "float64"))
+
+
+def _values(matrix) -> np.ndarray:
+    from tvm.sym import Analyzer
+
+    i, j = (axis.var for axis in matrix.op.axis)
+    rows, cols = (int(d) for d in matrix.shape)
+    values = np.empty((rows, cols))
+    for r in range(rows):
+        for c in range(cols):
+            analyzer = Analyzer()
+            analyzer.bind(i, r)
+            analyzer.bind(j, c)
+            values[r, c] = analyzer.simplify(matrix.op.body[0]).value
+    return values
