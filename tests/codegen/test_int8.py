@@ -292,3 +292,38 @@ def test_quantized_digits_built_for_arm_dotprod_matches_onnxruntime(digits_int8,
     _digits_predictions_agree(got, expected[name])
     # Float logits from int8 layers: equal up to a step of the last quantized layer.
     assert np.abs(got - expected[name]).max() < 0.5
+
+
+@pytest.fixture(scope="module")
+def digits_lowered(tmp_path_factory) -> Path:
+    """The digits CNN through graphopt's own int8 pipeline, as `graphopt optimize` runs it."""
+    import graphopt
+
+    result = graphopt.optimize(str(MODELS / "digits_cnn.onnx"), "canonicalize,quantize,lower-int8",
+                               data=str(MODELS / "digits_calib.npz"), latency=False)
+    path = tmp_path_factory.mktemp("lowered") / "digits_lowered.onnx"
+    graphopt.save(result.graph, path)
+    assert {"QLinearConv", "MatMulInteger"} <= {n.op_type for n in onnx.load(path).graph.node}
+    return path
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-64"])
+def test_lowered_digits_predictions_match_onnxruntime(digits_lowered, target, tmp_path):
+    if target == "x86" and not HOST_VNNI:
+        pytest.skip("host CPU lacks avx512_vnni")
+    x = np.load(MODELS / "digits_test.npz")["x"]
+    expected = ort.run(onnx.load(digits_lowered), {"x": x})["logits"]
+    lib = codegen.load(codegen.compile(digits_lowered, target, tmp_path, shapes={"x": list(x.shape)}).library)
+    _digits_predictions_agree(lib.run({"x": x})["logits"], expected)
+
+
+@pytest.mark.arm_emulated
+@pytest.mark.parametrize("target", ["arm", "arm-dotprod"])
+def test_lowered_digits_built_for_arm_matches_onnxruntime(digits_lowered, target, tmp_path):
+    arm_env = _arm_env()
+    if not arm_env.is_ready():
+        pytest.skip(f"no emulated aarch64 environment in {arm_env.env_dir()} (python tools/arm_env.py setup)")
+    x = np.load(MODELS / "digits_test.npz")["x"][:64]
+    expected = ort.run(onnx.load(digits_lowered), {"x": x})["logits"]
+    library = codegen.compile(digits_lowered, target, tmp_path, shapes={"x": list(x.shape)}).library
+    _digits_predictions_agree(arm_env.run(library, [x])[0], expected)
