@@ -132,6 +132,9 @@ def write_html(report: dict, path: Path) -> None:
     for p in report["passes"]:
         if "sensitivity" in p["stats"]:
             parts.append(f"<h2>Sensitivity: {escape(p['name'])}</h2>" + sensitivity_html(p["stats"]["sensitivity"]))
+        choices = choices_table(p["stats"])
+        if choices:
+            parts.append(f"<h2>Choices: {escape(p['name'])}</h2>" + choices)
     parts.append("<h2>Fidelity vs the original (onnxruntime)</h2>" + _fidelity(report["fidelity"]["outputs"]))
     codegen = report.get("codegen")
     if codegen:
@@ -147,6 +150,18 @@ def write_html(report: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(html)
     tmp.replace(path)
+
+
+def choices_table(stats: dict) -> str:
+    """Per-layer decisions of a pass that chooses by measuring (winograd's select="measure"):
+    layer, choice, the time of each candidate and why; empty when the pass chose nothing."""
+    layers = {k: v for k, v in (stats.get("layers") or {}).items() if isinstance(v, dict) and "chosen" in v}
+    if not layers:
+        return ""
+    candidates = list(dict.fromkeys(c for v in layers.values() for c in v.get("timings_ms", {})))
+    rows = [[name, v["chosen"], *(_maybe(v.get("timings_ms", {}).get(c)) for c in candidates), v.get("reason", "")]
+            for name, v in layers.items()]
+    return _table(["layer", "chosen", *(f"{c} ms" for c in candidates), "why"], rows)
 
 
 def _cell(key: str, summary: dict) -> str:

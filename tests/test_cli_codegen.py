@@ -58,3 +58,30 @@ def test_tune_twice_with_one_db_runs_no_new_trials(tmp_path):
     first, second = (json.loads((tmp_path / f"out{i}" / "report.json").read_text()) for i in (1, 2))
     assert first["tuning"]["trials"] >= 2 and second["tuning"]["trials"] == 0
     assert second["codegen"]["fidelity"]["y"]["max_abs"] < 1e-4
+
+
+def test_int8_pipeline_for_x86_runs_integer_kernels_that_agree_with_onnxruntime(tmp_path):
+    r = graphopt("optimize", DIGITS, "--passes", "canonicalize,quantize,lower-int8", "--target", "x86",
+                 "--data", ROOT / "models" / "digits_calib.npz", "-o", tmp_path)
+    assert r.returncode == 0, r.stderr
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(tmp_path / "model.opt.onnx").graph.node}
+    assert {"QLinearConv", "MatMulInteger"} <= ops and "DequantizeLinear" not in ops
+    report = json.loads((tmp_path / "report.json").read_text())
+    # The library against the float original: the quantization error, as onnxruntime's int8 model has.
+    assert report["codegen"]["fidelity"]["logits"]["cosine"] > 0.999
+    assert abs(report["codegen"]["fidelity"]["logits"]["max_abs"] - report["fidelity"]["outputs"]["logits"]["max_abs"]) < 0.05
+
+
+def test_winograd_measured_on_the_target_reports_each_choice(tmp_path):
+    r = graphopt("optimize", DIGITS, "--passes", "canonicalize,winograd(select=measure,emit=tvm)", "--target", "x86",
+                 "-o", tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    layers = report["passes"][1]["stats"]["layers"]
+    assert set(layers) == {"conv0", "conv3", "conv7"}
+    for choice in layers.values():
+        assert set(choice["timings_ms"]) == {"direct", "F(2x2,3x3)", "F(4x4,3x3)", "F(6x6,3x3)"}
+        assert min(choice["timings_ms"], key=choice["timings_ms"].get) == choice["chosen"] or "bound" in choice["reason"]
+    assert "winograd: conv0:" in r.stdout and "<h2>Choices: winograd</h2>" in (tmp_path / "report.html").read_text()

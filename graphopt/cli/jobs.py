@@ -132,6 +132,10 @@ def print_report(report: dict, out_dir: Path) -> None:
     if "latency_ms" in report:
         lat = report["latency_ms"]["onnxruntime"]
         print(f"{'ORT ms':14}{lat['before']:>16.4f}{lat['after']:>16.4f}")
+    for record in report["passes"]:
+        for layer, choice in (record["stats"].get("layers") or {}).items():
+            if isinstance(choice, dict) and "chosen" in choice:
+                print(f"{record['name']}: {layer}: {choice['chosen']} ({choice.get('reason', '')})")
     for name, f in report["fidelity"]["outputs"].items():
         print(f"fidelity {name}: {_metrics(f)}")
     cg = report.get("codegen")
