@@ -13,9 +13,9 @@ NHWC variant recomputes the weight transform in every call). graphopt's CPU pipe
 convolutions to NHWC; a Winograd kernel between two of them gets a transpose on each side, while
 chains of Winograd layers and the elementwise ops between them stay NCHW without any.
 
-The kernel's blocks keep TOPI's `schedule_rule` annotations, so MetaSchedule tunes them with its
-Winograd rules (data pack and inverse unrolled over the tile, bgemm multi-level tiled), and
-`cpu_schedules` recognizes them for the untuned default.
+MetaSchedule tunes the kernel as one task (data transform, bgemm and inverse transform together,
+the inverse with TOPI's Winograd rule; see `_tunable` for the two hints removed), and
+`cpu_schedules` gives it a default schedule by TOPI's block names.
 """
 from __future__ import annotations
 
@@ -35,8 +35,7 @@ MAX_EXTRA_TILES = 1.5
 def convert(bb, inputs, attrs: dict):
     """The frontend converter for WinogradConv: `(bb, inputs, attrs) -> relax.Expr`."""
     import tvm
-    from tvm import relax, te
-    from tvm.topi.nn.conv2d import _conv2d_winograd_nchw_impl
+    from tvm import relax
 
     data, weight = inputs[0], inputs[1]
     bias = inputs[2] if len(inputs) > 2 else None
@@ -49,13 +48,25 @@ def convert(bb, inputs, attrs: dict):
     if not isinstance(weight, tvm.ir.GenericConst):
         raise CodegenError("WinogradConv: the weights must be a constant (an initializer)")
     w = weight.value.numpy()
-    channels = data.ty.shape.values[1]
-    if w.ndim != 4 or w.shape[2:] != (KERNEL, KERNEL) or int(channels) != w.shape[1]:
+    shape = [int(d) for d in data.ty.shape.values]
+    if w.ndim != 4 or w.shape[2:] != (KERNEL, KERNEL) or shape[1] != w.shape[1]:
         raise CodegenError(f"WinogradConv: weights of shape {list(w.shape)} are not 3x3 over the "
-                           f"input's {channels} channels")
-    transformed = relax.const(weight_transform(w, tile))
+                           f"input's {shape[1]} channels")
+    func, out_shape = _kernel(shape, str(data.ty.dtype), w.shape[0], tile, pads)
+    kernel = bb.add_func(func, f"winograd_f{tile}x{tile}")
+    out = bb.emit(relax.call_tir(kernel, [data, relax.const(weight_transform(w, tile))],
+                                 relax.TensorType(out_shape, str(data.ty.dtype))))
+    if bias is None:
+        return out
+    return bb.emit(relax.op.add(out, relax.op.reshape(bias, (1, w.shape[0], 1, 1))))
 
-    n, _, height, width = (int(d) for d in data.ty.shape.values)
+
+def _kernel(shape: list[int], dtype: str, filters: int, tile: int, pads: tuple[int, ...]):
+    """TOPI's NCHW Winograd kernel taking the input and U: (PrimFunc, output shape)."""
+    from tvm import te
+    from tvm.topi.nn.conv2d import _conv2d_winograd_nchw_impl
+
+    n, channels, height, width = shape
     out_h, out_w = height + pads[0] + pads[2] - KERNEL + 1, width + pads[1] + pads[3] - KERNEL + 1
     if out_h < 1 or out_w < 1:
         raise CodegenError(f"WinogradConv: a {height}x{width} input with pads {list(pads)} has no output")
@@ -66,18 +77,15 @@ def convert(bb, inputs, attrs: dict):
     tiles_h, tiles_w = _tile_grid(n, -(-out_h // tile), -(-out_w // tile))
     extra_h, extra_w = tiles_h * tile - out_h, tiles_w * tile - out_w
     padding = (pads[0], pads[1], pads[2] + extra_h, pads[3] + extra_w)
-
-    def winograd(x, u):
-        # TOPI's public wrapper fixes m = 4; its implementation takes the tile size.
-        y = _conv2d_winograd_nchw_impl(x, u, 1, padding, 1, str(x.dtype), tile, pre_computed=True)
-        if not (extra_h or extra_w):
-            return y
-        return te.compute((n, w.shape[0], out_h, out_w), lambda *i: y(*i), name="winograd_crop")
-
-    out = bb.emit_te(winograd, data, transformed, primfunc_name_hint=f"winograd_f{tile}x{tile}")
-    if bias is None:
-        return out
-    return bb.emit(relax.op.add(out, relax.op.reshape(bias, (1, w.shape[0], 1, 1))))
+    x = te.placeholder(shape, dtype, "x")
+    u = te.placeholder((tile + KERNEL - 1, tile + KERNEL - 1, channels, filters), dtype, "u")
+    # TOPI's public wrapper fixes m = 4; its implementation takes the tile size.
+    y = _conv2d_winograd_nchw_impl(x, u, 1, padding, 1, dtype, tile, pre_computed=True)
+    out_shape = (n, filters, out_h, out_w)
+    if extra_h or extra_w:
+        y = te.compute(out_shape, lambda *i: y(*i), name="winograd_crop")
+    # int64 indices, as emit_te makes them: FuseTIR matches buffers against Relax shapes.
+    return _tunable(te.create_prim_func([x, u, y], index_dtype_override="int64")), out_shape
 
 
 CONVERTERS = {"WinogradConv": convert}
@@ -94,6 +102,23 @@ def _tile_grid(batch: int, rows: int, cols: int) -> tuple[int, int]:
     grids = [(r, c) for r in range(rows, rows + VECTOR_TILES) for c in range(cols, cols + VECTOR_TILES)
              if batch * r * c % VECTOR_TILES == 0 and r * c <= MAX_EXTRA_TILES * rows * cols]
     return min(grids, key=lambda g: (g[0] * g[1], g), default=(rows, cols))
+
+
+def _tunable(func):
+    """TOPI's kernel without two hints with which MetaSchedule's evolutionary search in TVM 0.27
+    fails on it ("The block no longer exists in the IRModule"); without them it runs:
+
+    - U marked layout-free, which invites the RewriteLayout postprocessor; the layout transform
+      it adds would also run on every call, as graphopt's build does not fold it into the
+      constant. U is laid out as the bgemm reads it already.
+    - `data_pack`'s custom CPU rule; the generic rules tune the data transform instead (the
+      inverse transform keeps its rule).
+    """
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func.without_attr("layout_free_buffers"))
+    sch.unannotate(sch.get_sblock("data_pack"), "schedule_rule")
+    return sch.mod["main"].without_attr("global_symbol")  # bb.add_func names it
 
 
 def weight_transform(weights: np.ndarray, tile: int) -> np.ndarray:
