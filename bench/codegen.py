@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from timing import machine  # bench/ is on sys.path when run as a script
 from graphopt import codegen
 from graphopt.codegen.tune import tune
 from graphopt.testing.builders import resnet
@@ -129,15 +128,6 @@ def table(rows: list[dict]) -> str:
                      f"{tuned:8.3f}ms {tuned / reference:9.2f}x {r['tuning']['trials_total']:7d} "
                      f"{r['tuning']['seconds']:9.1f} {r['tuned']['kernels_tuned']:>8}")
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    import tvm
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-            "tvm": tvm.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
 
 
 def main(argv: list[str] | None = None) -> None:

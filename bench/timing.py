@@ -1,9 +1,13 @@
 """Timing shared by the benchmarks: interleaved runs, so load on the machine hits every model alike."""
 from __future__ import annotations
 
+import os
+import platform
 import time
+from pathlib import Path
 
 import onnx_graphsurgeon as gs
+import onnxruntime
 
 from graphopt.ir import ort
 
@@ -22,3 +26,13 @@ def interleaved_ms(models: dict[str, gs.Graph], feeds: dict, repeat: int, thread
             sessions[name].run(None, feeds)
             times[name].append(1000 * (time.perf_counter() - start))
     return times
+
+
+def machine() -> dict:
+    """What a result was measured on, saved beside it."""
+    import tvm
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+            "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +38,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from timing import machine  # bench/ is on sys.path when run as a script
 from graphopt import codegen
 from graphopt.codegen.tune import tune
 from graphopt.ir.graph import export
@@ -155,15 +154,6 @@ def table(rows: list[dict]) -> str:
         speedup = ms["direct tuned"] / ms["F4 tuned"]
         lines.append(f"{r['layer']:8}" + "".join(f"{ms[c]:15.3f}" for c in COLUMNS) + f"{speedup:16.2f}x")
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    import tvm
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-            "tvm": tvm.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
 
 
 def main(argv: list[str] | None = None) -> None:
