@@ -27,12 +27,16 @@ class Semantics:
     atol: float = 0.0
     metric: str = ""
     bound: float = 0.0
+    # TOLERANCE only: atol is a fraction of the output's largest magnitude (as EXACT's always is),
+    # for rewrites whose rounding error grows with the values (Winograd), not a fixed step (int8).
+    scaled: bool = False
 
     def describe(self) -> str:
         if self.kind == "exact":
             return "EXACT (equal up to float rounding)"
         if self.kind == "tolerance":
-            return f"TOLERANCE(rtol={self.rtol:g}, atol={self.atol:g})"
+            scale = " x max(1, max|y|)" if self.scaled else ""
+            return f"TOLERANCE(rtol={self.rtol:g}, atol={self.atol:g}{scale})"
         return f"LOSSY({self.metric} >= {self.bound:g})"
 
     def violation(self, reference: np.ndarray, candidate: np.ndarray) -> str | None:
@@ -45,7 +49,7 @@ class Semantics:
             return f"shape {out.shape} != {ref.shape}"
         # Rounding error of reassociated float32 sums scales with the output's magnitude.
         scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
-        atol = self.atol * scale if self.kind == "exact" else self.atol
+        atol = self.atol * scale if self.kind == "exact" or self.scaled else self.atol
         err = np.abs(out - ref)
         limit = atol + self.rtol * np.abs(ref)
         if np.all(err <= limit) and np.all(np.isfinite(out) == np.isfinite(ref)):
@@ -56,8 +60,8 @@ class Semantics:
 EXACT = Semantics("exact", rtol=1e-4, atol=1e-5)
 
 
-def TOLERANCE(rtol: float, atol: float) -> Semantics:  # noqa: N802 - reads like the contract
-    return Semantics("tolerance", rtol=rtol, atol=atol)
+def TOLERANCE(rtol: float, atol: float, scaled: bool = False) -> Semantics:  # noqa: N802 - reads like the contract
+    return Semantics("tolerance", rtol=rtol, atol=atol, scaled=scaled)
 
 
 def LOSSY(metric: str, bound: float) -> Semantics:  # noqa: N802

@@ -1,10 +1,11 @@
+import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
 from graphopt.ir import ort
 from graphopt.ir.data import input_specs, random_feeds
 from graphopt.ir.errors import VerificationError
-from graphopt.passes.base import Pass, PassResult
+from graphopt.passes.base import LOSSY, TOLERANCE, Pass, PassInfo, PassResult
 from graphopt.passes.cleanup.eliminate_dead import EliminateDead
 from graphopt.passes.manager import FidelityInstrument, PassManager
 from graphopt.testing.check import as_graph, rng_array
@@ -60,6 +61,37 @@ def test_fidelity_instrument_holds_exact_passes_to_their_word():
     instrument = FidelityInstrument(ort.run(graph, feeds), feeds)
     with pytest.raises(VerificationError, match="scale-weight' broke its semantics"):
         PassManager([ScaleWeight()], instruments=(instrument,)).run(graph)
+
+
+class LossyScale(ScaleWeight):
+    name = "lossy-scale"
+    info = PassInfo(LOSSY("cosine", 0.9))
+
+
+class ToleranceNoop(Pass):
+    name = "tolerance-noop"
+    info = PassInfo(TOLERANCE(0.0, 1e-6))
+
+    def run(self, graph, ctx):
+        return PassResult(True, {})
+
+
+def test_tolerance_passes_are_held_against_the_model_they_were_given():
+    # After a lossy pass, a TOLERANCE pass that changes nothing more must pass, though the
+    # model is far from the original.
+    graph = small()
+    feeds = random_feeds(input_specs(graph))
+    instrument = FidelityInstrument(ort.run(graph, feeds), feeds)
+    records = PassManager([LossyScale(), ToleranceNoop()], instruments=(instrument,)).run(graph)
+    assert records[1].fidelity["y"]["max_abs"] > 0.1
+
+
+def test_scaled_tolerance_grows_with_the_output():
+    reference = np.array([1000.0, 0.0])
+    off = reference + np.array([0.05, 0.05])
+    assert TOLERANCE(0.0, 1e-4).violation(reference, off)
+    assert TOLERANCE(0.0, 1e-4, scaled=True).violation(reference, off) is None
+    assert "max(1, max|y|)" in TOLERANCE(0.0, 1e-4, scaled=True).describe()
 
 
 def test_verification_off_lets_it_through():
