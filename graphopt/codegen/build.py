@@ -96,6 +96,8 @@ def to_relax(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None 
     try:
         with target.tvm_target() if target is not None else nullcontext():
             return onnx_import.from_onnx(model, shape_dict)
+    except CodegenError:
+        raise
     except Exception as e:  # noqa: BLE001 - the frontend raises anything from its converters
         raise CodegenError(f"TVM's ONNX frontend failed: {tvm_error_summary(e)}") from e
 

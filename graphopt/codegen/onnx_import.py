@@ -9,11 +9,15 @@ converts exactly as TVM converts it.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable, Mapping
 
 import onnx
 
 from graphopt.codegen import int8_import, winograd
+from graphopt.codegen.targets import tvm_error_summary
+from graphopt.ir.errors import CodegenError
 
 # Each module adds `CONVERTERS: dict[str, Callable]`, imported here explicitly (no registration
 # by import side effect): graphopt.codegen.int8_import (QLinearConv, QLinearMatMul, ConvInteger,
@@ -30,8 +34,13 @@ def known_ops() -> frozenset[str]:
 
 def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
     """`tvm.relax.frontend.onnx.from_onnx(model, shape_dict, keep_params_in_input=False)` with
-    graphopt's converters added."""
+    graphopt's converters added. A converter's failure raises CodegenError naming the node."""
     from tvm.relax.frontend.onnx import onnx_frontend
+
+    by_type: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        by_type.setdefault(node.op_type, []).append(node)
+    seen: dict[str, int] = {}
 
     class Importer(onnx_frontend.ONNXGraphImporter):
         def _check_for_unsupported_ops(self, graph):
@@ -43,12 +52,23 @@ def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
             super()._check_for_unsupported_ops(ours)
 
         def _convert_operator(self, op_name, inputs, attrs, opset):
-            if op_name not in CONVERTERS:
-                return super()._convert_operator(op_name, inputs, attrs, opset)
-            return self.bb.normalize(CONVERTERS[op_name](self.bb, inputs, attrs))
+            # The frontend converts nodes in graph order, so the k-th call for an op type is the
+            # k-th node of that type: the node an error names.
+            seen[op_name] = seen.get(op_name, 0) + 1
+            try:
+                if op_name not in CONVERTERS:
+                    return super()._convert_operator(op_name, inputs, attrs, opset)
+                return self.bb.normalize(CONVERTERS[op_name](self.bb, inputs, attrs))
+            except Exception as e:  # noqa: BLE001 - converters raise anything; the node is what matters
+                nodes = by_type.get(op_name, [])
+                node = nodes[seen[op_name] - 1] if seen[op_name] <= len(nodes) else None
+                where = f"node '{node.name or '(unnamed)'}' ({op_name})" if node is not None else op_name
+                raise CodegenError(f"cannot convert {where}: {tvm_error_summary(e)}") from e
 
     importer = Importer(shape_dict, "float32", keep_params_in_input=False, sanitize=True)
-    return importer.from_onnx(model.graph, _opset(model))
+    # The frontend prints its own note on stdout before re-raising; the error above says it all.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return importer.from_onnx(model.graph, _opset(model))
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -163,3 +163,20 @@ def test_database_schedules_are_applied(tmp_path, digits):
     assert used == {"path": str((tmp_path / "db").resolve()), "kernels": 8, "tuned": 3}  # NHWC lowering adds a layout transpose
     reference = ort.run(onnx.load(DIGITS), {"x": digits["x"][:1]})["logits"]
     assert np.abs(codegen.load(result.library)(digits["x"][:1]) - reference).max() < 1e-4
+
+
+def test_a_converter_failure_names_the_node_and_prints_nothing(tmp_path, capfd):
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4, 8, 8])
+    w = helper.make_tensor_value_info("w", TensorProto.INT8, [4, 4, 3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, None)
+    scalars = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+               numpy_helper.from_array(np.array(128, np.uint8), "z"),
+               numpy_helper.from_array(np.array(0, np.int8), "wz")]
+    nodes = [helper.make_node("QLinearConv", ["x", "s", "z", "w", "s", "wz", "s", "z"], ["h"], name="first", pads=[1] * 4),
+             helper.make_node("Identity", ["h"], ["y"], name="id")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x, w], [y], initializer=scalars),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(CodegenError, match=r"node 'first' \(QLinearConv\).*w must be an initializer"):
+        codegen.compile(model, "x86-64", tmp_path)
+    assert capfd.readouterr().out == ""
+    assert not any(tmp_path.iterdir())
