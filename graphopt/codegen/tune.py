@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import logging
 import math
 import os
 import shutil
 import signal
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,23 +36,19 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.codegen import build, cpu_schedules
+from graphopt.codegen import build, cpu_schedules, tune_db
 from graphopt.codegen.targets import Target, host_arch, resolve, tvm_error_summary
 from graphopt.ir import io
 from graphopt.ir.errors import CodegenError
 from graphopt.ir.graph import export
 
+EXHAUSTED = tune_db.EXHAUSTED
 # Import name -> pip requirement, for what MetaSchedule needs besides TVM.
 _REQUIRED = {"xgboost": "xgboost-cpu", "psutil": "psutil", "cloudpickle": "cloudpickle", "tornado": "tornado"}
 LOG = Path("logs") / "tune.log"
-# Kernels whose search space ran out before their budget did; later runs skip them.
-EXHAUSTED = "graphopt-exhausted.json"
 _WINDOW, _ALPHA = 3, 0.2  # MetaSchedule's gradient rule: rounds looked back, weight of recent gains
 _MAX_BATCH = 64  # MetaSchedule's default trials per batch
-# Target fields that do not change what a schedule is for.
-_BOOKKEEPING_TARGET_KEYS = frozenset({"num-cores", "keys", "tag"})
 _LOGGER = "tvm.s_tir.meta_schedule"
-_FAILED = 1e10  # the run time MetaSchedule records for a candidate that failed
 
 
 @dataclass(frozen=True)
@@ -90,17 +84,17 @@ def tune(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Target |
     (folder / LOG).parent.mkdir(parents=True, exist_ok=True)
     tasks = _extract_tasks(_read(model), shapes, target, tuning_target)
     with _logging_to(folder / LOG):
-        db = _open(folder)
-        before = sum(count for count, _ in _measured(db, tasks, tuning_target))
+        db = tune_db.open_database(folder)
+        before = sum(count for count, _ in tune_db.measured(db, tasks, tuning_target))
         if progress is not None:
             progress(min(before, trials), trials)
-        skipped = _exhausted(folder)
-        todo = [t for t in tasks if _key(t) not in skipped]
+        skipped = tune_db.exhausted(folder)
+        todo = [t for t in tasks if tune_db.key(t) not in skipped]
         if before < trials and todo:
             session = _Session(before, trials, None if seconds is None else start + seconds, progress,
                                [t.weight for t in todo])
             _run(todo, db, folder, tuning_target, session, seed)
-        after = sum(count for count, _ in _measured(db, tasks, tuning_target))
+        after = sum(count for count, _ in tune_db.measured(db, tasks, tuning_target))
     return TuneResult(folder, len(tasks), after - before, after, time.monotonic() - start)
 
 
@@ -137,62 +131,6 @@ def _extract_tasks(proto: onnx.ModelProto, shapes, target: Target, tuning_target
     build.check_supported(proto)
     lowered = build.lower_for_tuning(build.to_relax(proto, shapes, target), target)
     return list(ms.relax_integration.extract_tasks(lowered, tuning_target))
-
-
-def _open(folder: Path):
-    from tvm.s_tir import meta_schedule as ms
-
-    try:
-        return ms.database.JSONDatabase(work_dir=str(folder))
-    except Exception as e:  # noqa: BLE001 - TVM raises many unrelated types
-        raise CodegenError(f"{folder}: cannot read the MetaSchedule database: {tvm_error_summary(e)}; "
-                           "move the folder away to start a new one") from e
-
-
-def _measured(db, tasks, tuning_target) -> list[tuple[int, float]]:
-    """Each task's measurement count in `db` (failed ones too, so that a kernel that never builds
-    is not retried forever) and best run time in seconds (inf if none ran). A record of these
-    kernels made for another target is refused: it would count and be applied, though tuned for
-    another machine."""
-    workloads: dict = {}
-    for i, task in enumerate(tasks):
-        if db.has_workload(task.dispatched[0]):
-            workloads.setdefault(db.commit_workload(task.dispatched[0]), []).append(i)
-    counts, best = [0] * len(tasks), [math.inf] * len(tasks)
-    ours = _target_key(tuning_target)
-    for record in db.get_all_tuning_records():
-        for i in workloads.get(record.workload, ()):
-            if _target_key(record.target) != ours:
-                raise CodegenError(f"the database holds schedules tuned for {record.target.export()}, not "
-                                   f"{tuning_target.export()}: use one database folder per target")
-            counts[i] += 1
-            best[i] = min(best[i], _seconds(record.run_secs))
-    return list(zip(counts, best))
-
-
-def _target_key(target) -> dict:
-    return {k: v for k, v in target.export().items() if k not in _BOOKKEEPING_TARGET_KEYS}
-
-
-def _key(task) -> str:
-    import tvm_ffi
-
-    return f"{tvm_ffi.structural_hash(task.dispatched[0]):016x}"
-
-
-def _exhausted(folder: Path) -> set[str]:
-    path = folder / EXHAUSTED
-    try:
-        return set(json.loads(path.read_text())) if path.exists() else set()
-    except (OSError, ValueError) as e:
-        raise CodegenError(f"{path}: unreadable ({e}); delete it to search those kernels again") from None
-
-
-def _mark_exhausted(folder: Path, keys: set[str]) -> None:
-    path = folder / EXHAUSTED
-    staged = path.with_name(f".{path.name}.{os.getpid()}")
-    staged.write_text(json.dumps(sorted(_exhausted(folder) | keys)) + "\n")
-    os.replace(staged, path)
 
 
 @dataclass
@@ -295,9 +233,9 @@ def _search(tasks: list, db, folder: Path, tuning_target, session: _Session, see
                   measure_callbacks=[*ms.MeasureCallback.create("default"), recorder(session)],
                   task_scheduler=scheduler(session))
     # A task's cap is the whole budget; one that ended below it ran out of candidates.
-    exhausted = {_key(tasks[i]) for i in session.ended_early if session.measured[i] < budget}
+    exhausted = {tune_db.key(tasks[i]) for i in session.ended_early if session.measured[i] < budget}
     if exhausted:
-        _mark_exhausted(folder, exhausted)
+        tune_db.mark_exhausted(folder, exhausted)
 
 
 def _seed_defaults(tasks: list, db, tuning_target, builder, runner, session: _Session) -> None:
@@ -306,13 +244,13 @@ def _seed_defaults(tasks: list, db, tuning_target, builder, runner, session: _Se
     from tvm.s_tir import meta_schedule as ms
 
     simd = cpu_schedules.simd_of(tuning_target)
-    new = [(i, sch) for i, (count, _) in enumerate(_measured(db, tasks, tuning_target)) if count == 0
+    new = [(i, sch) for i, (count, _) in enumerate(tune_db.measured(db, tasks, tuning_target)) if count == 0
            for sch in [cpu_schedules.schedule(tasks[i].dispatched[0]["main"], simd)] if sch is not None]
     built = builder.build([ms.builder.BuilderInput(sch.mod, tuning_target) for _, sch in new]) if new else []
     for (i, sch), result in zip(new, built):
         workload = tasks[i].dispatched[0]
         args = ms.arg_info.ArgInfo.from_prim_func(workload["main"])
-        run_secs = [_FAILED]
+        run_secs = [tune_db.FAILED]
         if result.error_msg is None:
             measured = runner.run([ms.runner.RunnerInput(result.artifact_path, "cpu", args)])[0].result()
             run_secs = list(measured.run_secs) if measured.error_msg is None else run_secs
@@ -320,7 +258,7 @@ def _seed_defaults(tasks: list, db, tuning_target, builder, runner, session: _Se
         db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(workload), run_secs,
                                                          tuning_target, args))
         session.measured[i] += 1
-    session.history = [[best] if best < math.inf else [] for _, best in _measured(db, tasks, tuning_target)]
+    session.history = [[best] if best < math.inf else [] for _, best in tune_db.measured(db, tasks, tuning_target)]
     if new:
         session.report()
 
@@ -390,15 +328,10 @@ def _tvm_classes() -> tuple[type, type]:
             self.session = session
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
-            self.session.record(task_id, [_seconds(r.run_secs) if r.error_msg is None else math.inf
+            self.session.record(task_id, [tune_db.seconds(r.run_secs) if r.error_msg is None else math.inf
                                           for r in runner_results])
 
     return Scheduler, Recorder
-
-
-def _seconds(run_secs) -> float:
-    times = [float(s) for s in run_secs or ()]
-    return statistics.median(times) if times and max(times) < _FAILED else math.inf
 
 
 @contextmanager
