@@ -101,8 +101,9 @@ def bench_model(name: str, model: onnx.ModelProto, work: Path, db: Path, trials:
     reference = session.run(None, feeds)[0]
     untuned, untuned_info = compiled(model, work / f"{name}-untuned", feeds, reference)
 
-    def progress(done: int, total: int) -> None:
-        print(f"\r  {name}: tuning {done}/{total} trials", end="", file=sys.stderr, flush=True)
+    def progress(done: int, total: int, best_ms: float | None) -> None:
+        best = "" if best_ms is None else f", best {best_ms:.4g} ms"
+        print(f"\r  {name}: tuning {done}/{total} trials{best}", end="", file=sys.stderr, flush=True)
 
     result = tune(model, TARGET, db, trials=trials, seconds=seconds, progress=progress)
     print(file=sys.stderr)

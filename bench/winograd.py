@@ -102,8 +102,8 @@ def tvm_variant(name: str, model: onnx.ModelProto, work: Path, feeds: dict, refe
     db = work / f"{name}-db"
     start = time.perf_counter()
     result = tune(model, TARGET, db, trials=trials, seconds=seconds,
-                  progress=lambda done, total: print(f"\r  {name}: tuning {done}/{total}", end="",
-                                                     file=sys.stderr, flush=True))
+                  progress=lambda done, total, _best: print(f"\r  {name}: tuning {done}/{total}", end="",
+                                                            file=sys.stderr, flush=True))
     print(file=sys.stderr)
     tuned = codegen.compile(model, TARGET, work / f"{name}-tuned", database=db)
     for label, built in (("untuned", untuned), ("tuned", tuned)):

@@ -77,7 +77,7 @@ def _batches(lib: codegen.CompiledModel, feeds: dict[str, np.ndarray]) -> list[d
 
 
 def tune_for_target(graph: gs.Graph, target: Target, database: str | os.PathLike, trials: int,
-                    seconds: float | None, progress: Callable[[int, int], None] | None) -> dict:
+                    seconds: float | None, progress: Callable[[int, int, float | None], None] | None) -> dict:
     """Tune with MetaSchedule into `database` and return the report's `tuning` section."""
     from graphopt.codegen import tune
 

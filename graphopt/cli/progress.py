@@ -8,22 +8,24 @@ from graphopt.passes.manager import Instrument
 
 
 class ProgressBar:
-    """A progress callback (done, total) drawn on stderr: redrawn in place on a terminal, a line
-    per tenth otherwise (logs stay short)."""
+    """A progress callback (done, total[, best_ms]) drawn on stderr: redrawn in place on a
+    terminal, a line per tenth otherwise (logs stay short). Tuning passes `best_ms`, the model's
+    kernel time with the best schedules so far."""
 
     def __init__(self, label: str):
         self.label, self.start, self.shown = label, time.perf_counter(), -1
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, best_ms: float | None = None) -> None:
         total = max(total, 1)
         elapsed = time.perf_counter() - self.start
+        best = f", best {best_ms:.4g} ms" if best_ms is not None else ""
         if sys.stderr.isatty():
             filled = int(30 * min(done, total) / total)
-            print(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {elapsed:.0f}s",
+            print(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {elapsed:.0f}s{best}  ",
                   end="", file=sys.stderr, flush=True)
         elif 10 * done // total > self.shown:
             self.shown = 10 * done // total
-            print(f"{self.label}: {done}/{total} ({elapsed:.0f}s)", file=sys.stderr, flush=True)
+            print(f"{self.label}: {done}/{total} ({elapsed:.0f}s{best})", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if sys.stderr.isatty():

@@ -63,12 +63,14 @@ class TuneResult:
 def tune(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Target | str,
          database: str | os.PathLike, *, trials: int = 64, seconds: float | None = None,
          shapes: Mapping[str, Sequence[int]] | None = None,
-         progress: Callable[[int, int], None] | None = None, seed: int = 0) -> TuneResult:
+         progress: Callable[[int, int, float | None], None] | None = None, seed: int = 0) -> TuneResult:
     """Tune `model`'s kernels for `target` until the database folder `database` (created if
     missing) holds `trials` measurements of them, or `seconds` have passed.
 
-    `progress(done, trials)` is called after each batch, first with what the database already
-    held. `shapes` overrides input shapes by name, as in `compile`: pass the same to both.
+    `progress(done, trials, estimate_ms)` is called after each batch, first with what the database
+    already held; `estimate_ms` is the model's kernel time with the best schedules found so far
+    (each kernel's best run time times its calls, as MetaSchedule weighs them), None until every
+    kernel has run once. `shapes` overrides input shapes by name, as in `compile`: pass the same to both.
     """
     start = time.monotonic()
     if trials < 1:
@@ -85,9 +87,10 @@ def tune(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Target |
     tasks = _extract_tasks(_read(model), shapes, target, tuning_target)
     with _logging_to(folder / LOG):
         db = tune_db.open_database(folder)
-        before = sum(count for count, _ in tune_db.measured(db, tasks, tuning_target))
+        held = tune_db.measured(db, tasks, tuning_target)
+        before = sum(count for count, _ in held)
         if progress is not None:
-            progress(min(before, trials), trials)
+            progress(min(before, trials), trials, estimate_ms([t.weight for t in tasks], [b for _, b in held]))
         skipped = tune_db.exhausted(folder)
         todo = [t for t in tasks if tune_db.key(t) not in skipped]
         if before < trials and todo:
@@ -96,6 +99,14 @@ def tune(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Target |
             _run(todo, db, folder, tuning_target, session, seed)
         after = sum(count for count, _ in tune_db.measured(db, tasks, tuning_target))
     return TuneResult(folder, len(tasks), after - before, after, time.monotonic() - start)
+
+
+def estimate_ms(weights: Sequence[float], best_seconds: Sequence[float]) -> float | None:
+    """Kernel time of one model run in ms: each kernel's best time times its calls; None while
+    some kernel has no time."""
+    if not best_seconds or any(math.isinf(b) for b in best_seconds):
+        return None
+    return 1000 * sum(w * b for w, b in zip(weights, best_seconds))
 
 
 def _check_requirements() -> None:
@@ -140,7 +151,7 @@ class _Session:
     before: int
     trials: int
     deadline: float | None
-    progress: Callable[[int, int], None] | None
+    progress: Callable[[int, int, float | None], None] | None
     weights: list[float]
     measured: list[int] = field(init=False)
     history: list[list[float]] = field(init=False)  # each kernel's best run time (s) after each batch
@@ -165,7 +176,9 @@ class _Session:
     def report(self) -> None:
         try:
             if self.progress is not None:
-                self.progress(min(self.trials - self.budget, self.trials), self.trials)
+                bests = [h[-1] if h else math.inf for h in self.history]
+                self.progress(min(self.trials - self.budget, self.trials), self.trials,
+                              estimate_ms(self.weights, bests))
         except BaseException as e:
             self.error = e
             raise

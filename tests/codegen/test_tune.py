@@ -57,8 +57,8 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tune")
     db, calls = folder / "db", []
 
-    def interrupt(done, total):
-        calls.append((done, total))
+    def interrupt(done, total, best_ms):
+        calls.append((done, total, best_ms))
         if done >= INTERRUPT_AT:
             raise KeyboardInterrupt
 
@@ -71,13 +71,21 @@ def runs(tmp_path_factory):
 
 
 def test_interrupted_run_keeps_its_trials_and_the_next_resumes(runs):
-    cut = runs.progress.index((INTERRUPT_AT, TRIALS)) + 1
+    cut = [p[0] for p in runs.progress].index(INTERRUPT_AT) + 1
     runs_calls = ((runs.progress[:cut], 0, INTERRUPT_AT), (runs.progress[cut:], INTERRUPT_AT, TRIALS))
     for calls, first, last in runs_calls:
-        done = [d for d, total in calls if total == TRIALS]
+        done = [d for d, total, _ in calls if total == TRIALS]
         assert len(done) == len(calls) and done[0] == first and done[-1] == last and done == sorted(done)
     assert runs.resumed.trials == TRIALS - INTERRUPT_AT and runs.resumed.trials_total == TRIALS
     assert runs.resumed.tasks == 3 and runs.resumed.database == runs.db
+
+
+def test_progress_reports_the_best_kernel_time_found_so_far(runs):
+    # None until each kernel ran once (its default schedule); never worse after that.
+    best = [b for *_, b in runs.progress]
+    assert best[0] is None and best[-1] is not None and best[-1] > 0
+    resumed = [b for *_, b in runs.progress[[p[0] for p in runs.progress].index(INTERRUPT_AT) + 1:]]
+    assert resumed[0] is not None and all(a >= b for a, b in zip(resumed, resumed[1:]))
 
 
 def test_a_met_budget_measures_nothing(runs):
