@@ -314,7 +314,10 @@ def schedule(func, simd: Simd):
             # Imported here: the Winograd schedule builds on this module's reduction schedule.
             from graphopt.codegen import winograd_schedule
 
-            return sch if winograd_schedule.schedule_winograd(sch, blocks, simd) else None
+            try:
+                return sch if winograd_schedule.schedule_winograd(sch, blocks, simd) else None
+            except (ValueError, IndexError):  # a loop nest of a shape the schedule does not know
+                return None
         producers = blocks[:blocks.index(reducing[0])]
         if not _schedule_reduction(sch, reducing[0], simd):
             return None

@@ -88,7 +88,7 @@ def _fused_bgemm(sch, bgemm, inverse, data_pack, simd: Simd):
     sch.reverse_compute_at(accumulators, nu)
     sch.reverse_compute_at(inverse, co_0)
     sch.parallel(p_0)
-    sch.compute_at(data_pack, p_0)
+    sch.compute_at(data_pack, p_0, preserve_unit_loops=True)  # one input channel is a unit loop
     d_eps, d_nu, d_ci, d_p, r_a, r_b = sch.get_loops(data_pack)[1:]
     d_outer, d_lane = sch.split(d_p, [None, plan.lanes])
     sch.reorder(d_ci, d_outer, d_eps, d_nu, r_a, r_b, d_lane)
