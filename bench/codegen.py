@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from timing import machine  # bench/ is on sys.path when run as a script
+from timing import machine, ort_median_ms  # bench/ is on sys.path when run as a script
 from graphopt import codegen
 from graphopt.codegen.tune import tune
 from graphopt.testing.builders import resnet
@@ -60,15 +58,6 @@ def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def ort_median_ms(session: ort.InferenceSession, feeds: dict, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def compiled(model: onnx.ModelProto, out: Path, feeds: dict, reference: np.ndarray,

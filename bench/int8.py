@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from timing import machine  # bench/ is on sys.path when run as a script
+from timing import machine, ort_median_ms  # bench/ is on sys.path when run as a script
 from graphopt import codegen, optimize
 from graphopt.ir.graph import export
 from graphopt.testing.builders import resnet
@@ -128,15 +127,7 @@ def ort_runner(model: onnx.ModelProto, feeds: dict, repeat: int, threads: int):
     for _ in range(10):
         session.run(None, feeds)
 
-    def median_ms() -> float:
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
-
-    return session, median_ms
+    return session, lambda: ort_median_ms(session, feeds, repeat)
 
 
 def bench_case(name: str, work: Path, repeat: int, rounds: int, threads: int) -> dict:

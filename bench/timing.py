@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -26,6 +27,16 @@ def interleaved_ms(models: dict[str, gs.Graph], feeds: dict, repeat: int, thread
             sessions[name].run(None, feeds)
             times[name].append(1000 * (time.perf_counter() - start))
     return times
+
+
+def ort_median_ms(session, feeds: dict, repeat: int) -> float:
+    """Median wall time in ms of `repeat` runs of an onnxruntime session."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def machine() -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from timing import machine  # bench/ is on sys.path when run as a script
+from timing import machine, ort_median_ms  # bench/ is on sys.path when run as a script
 from graphopt import codegen
 from graphopt.codegen.tune import tune
 from graphopt.ir.graph import export
@@ -83,15 +82,7 @@ def ort_runner(model: onnx.ModelProto, feeds: dict, repeat: int):
     for _ in range(10):
         session.run(None, feeds)
 
-    def run() -> float:
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
-
-    return run
+    return lambda: ort_median_ms(session, feeds, repeat)
 
 
 def tvm_variant(name: str, model: onnx.ModelProto, work: Path, feeds: dict, reference: np.ndarray,
