@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import codegen
-from graphopt.codegen.targets import Target, host_arch
+from graphopt.codegen.targets import Target, code_arch, host_arch
 from graphopt.ir import fidelity
 
 # Fidelity of a static batch-1 library is measured on at most this many samples, one at a time.
@@ -58,8 +58,7 @@ def target_timer(target: Target) -> Callable[[onnx.ModelProto, dict[str, np.ndar
 def _cannot_run_here(target: Target) -> str | None:
     if target.device == "cuda":
         return "built for CUDA; this machine has no GPU to run it on"
-    triple = target.tvm.get("mtriple")
-    arch = triple.split("-")[0] if triple else host_arch()
+    arch = code_arch(target)
     if arch != host_arch():
         return f"built for {arch}; this machine is {host_arch()} (tools/arm_env.py runs aarch64 emulated)"
     return None

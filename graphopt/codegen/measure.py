@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from graphopt.codegen import build, runtime
-from graphopt.codegen.targets import Target, host_arch, resolve
+from graphopt.codegen.targets import Target, code_arch, host_arch, resolve, runs_on_this_cpu
 from graphopt.ir.errors import CodegenError
 
 REPEAT = 50
@@ -24,11 +24,9 @@ REPEAT = 50
 def latency(target: str | Target) -> Callable[[onnx.ModelProto, dict[str, np.ndarray]], float]:
     """A function timing `(model, feeds)` compiled for `target` (median ms of REPEAT runs)."""
     resolved = resolve(target) if isinstance(target, str) else target
-    triple = resolved.tvm.get("mtriple")
-    arch = triple.split("-")[0] if triple else host_arch()
-    if resolved.device != "cpu" or arch != host_arch():
+    if not runs_on_this_cpu(resolved):
         raise CodegenError(f"measuring latency runs the model here, on this {host_arch()} CPU; target "
-                           f"{resolved.name} ({resolved.device}, {arch}) cannot run here")
+                           f"{resolved.name} ({resolved.device}, {code_arch(resolved)}) cannot run here")
 
     def measure(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
         with tempfile.TemporaryDirectory(prefix="graphopt-latency-") as folder:

@@ -147,6 +147,16 @@ def host_arch() -> str:
     return _MACHINES.get(machine, machine)
 
 
+def code_arch(target: Target) -> str:
+    """The architecture `target`'s CPU code is for (x86_64, aarch64)."""
+    return _triple_arch(target.tvm)
+
+
+def runs_on_this_cpu(target: Target) -> bool:
+    """Whether `target`'s code runs on this machine's CPU, as tuning and timing need."""
+    return target.device == "cpu" and code_arch(target) == host_arch()
+
+
 def _triple_arch(tvm_dict: dict) -> str:
     triple = tvm_dict.get("mtriple")
     return triple.split("-")[0] if triple else host_arch()

@@ -37,7 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.codegen import build, cpu_schedules, tune_db
-from graphopt.codegen.targets import Target, host_arch, resolve, tvm_error_summary
+from graphopt.codegen.targets import Target, host_arch, resolve, runs_on_this_cpu, tvm_error_summary
 from graphopt.ir import io
 from graphopt.ir.errors import CodegenError
 from graphopt.ir.graph import export
@@ -120,8 +120,7 @@ def _tuning_target(target: Target):
     import psutil
     import tvm
 
-    arch = (target.tvm.get("mtriple") or host_arch()).split("-")[0]
-    if target.device != "cpu" or arch != host_arch():
+    if not runs_on_this_cpu(target):
         raise CodegenError(f"tuning measures kernels on this machine ({host_arch()} CPU), so it cannot "
                            f"tune for {target.name}; tune on that device, or compile untuned")
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
