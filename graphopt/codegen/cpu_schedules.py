@@ -205,13 +205,20 @@ def _schedule_reduction(sch, block_rv, simd: Simd, fuse_epilogue: bool = True) -
         sch.unroll(loop)
     sch.vectorize(lane)
     # Last: loops cannot be annotated once the update block has lost its init.
-    init = sch.decompose_reduction(block_rv, reduction[0])
-    *init_unrolled, init_lane = sch.get_loops(init)[1:]
-    for loop in init_unrolled:
-        sch.unroll(loop)
-    sch.vectorize(init_lane)
+    _split_init(sch, block_rv, reduction[0], first=1)
     _vectorize_innermost(sch, writer, simd, first=1)
     return True
+
+
+def _split_init(sch, block_rv, loop, first: int) -> None:
+    """Move the reduction's zeroing out above `loop`, into a block of its own whose loops from
+    `first` on are unrolled but the innermost, which is vectorized: the zeroed tile is a few
+    registers' worth."""
+    init = sch.decompose_reduction(block_rv, loop)
+    *unrolled, lane = sch.get_loops(init)[first:]
+    for inner in unrolled:
+        sch.unroll(inner)
+    sch.vectorize(lane)
 
 
 # -- injective kernels -------------------------------------------------------------------------

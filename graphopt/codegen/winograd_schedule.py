@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from graphopt.codegen.cpu_schedules import (Simd, _epilogue, _inline_into_last, _largest_divisor,
-                                            _loops_by_iter, _plan, _schedule_reduction,
+                                            _loops_by_iter, _plan, _schedule_reduction, _split_init,
                                             _vectorize_innermost)
 
 # TOPI's names for the transform stages.
@@ -93,29 +93,17 @@ def _fused_bgemm(sch, bgemm, inverse, data_pack, simd: Simd):
     d_outer, d_lane = sch.split(d_p, [None, plan.lanes])
     sch.reorder(d_ci, d_outer, d_eps, d_nu, r_a, r_b, d_lane)
     sch.vectorize(d_lane)
-    pack_init = sch.decompose_reduction(data_pack, r_a)
-    *pack_loops, pack_lane = sch.get_loops(pack_init)[3:]
-    for loop in pack_loops:
-        sch.unroll(loop)
-    sch.vectorize(pack_lane)
+    _split_init(sch, data_pack, r_a, first=3)
     sch.unroll(co_1)
     sch.unroll(p_1)
     sch.vectorize(lane)
-    init = sch.decompose_reduction(bgemm, ci)
-    *init_unrolled, init_lane = sch.get_loops(init)[4:]
-    for loop in init_unrolled:
-        sch.unroll(loop)
-    sch.vectorize(init_lane)
+    _split_init(sch, bgemm, ci, first=4)
     _vectorize_innermost(sch, accumulators, simd, first=4)
     co, p, *others = sch.get_loops(inverse)[2:]
     p_outer, p_lane = sch.split(p, [None, plan.lanes])
     sch.reorder(co, p_outer, *others, p_lane)
     sch.vectorize(p_lane)
-    init = sch.decompose_reduction(inverse, others[2])
-    *init_loops, init_lane = sch.get_loops(init)[4:]
-    for loop in init_loops:
-        sch.unroll(loop)
-    sch.vectorize(init_lane)
+    _split_init(sch, inverse, others[2], first=4)
     return d_outer
 
 
@@ -130,11 +118,7 @@ def _tiled_transform(sch, block_rv, tiled: tuple[int, int], simd: Simd):
     tiles = sch.fuse(loops[tiled[0]], outer)
     sch.parallel(tiles)
     sch.vectorize(lane)
-    init = sch.decompose_reduction(block_rv, others[2])
-    *init_loops, init_lane = sch.get_loops(init)[1:]
-    for loop in init_loops:
-        sch.unroll(loop)
-    sch.vectorize(init_lane)
+    _split_init(sch, block_rv, others[2], first=1)
     return tiles
 
 
