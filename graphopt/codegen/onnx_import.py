@@ -44,12 +44,11 @@ def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
 
     class Importer(onnx_frontend.ONNXGraphImporter):
         def _check_for_unsupported_ops(self, graph):
-            ours = onnx.GraphProto()
-            ours.CopyFrom(graph)
-            kept = [n for n in ours.node if n.op_type not in CONVERTERS]
-            del ours.node[:]
-            ours.node.extend(kept)
-            super()._check_for_unsupported_ops(ours)
+            # The frontend's check reads only the nodes: hand it the ones it converts, without
+            # copying the graph's weights.
+            theirs = onnx.GraphProto()
+            theirs.node.extend(n for n in graph.node if n.op_type not in CONVERTERS)
+            super()._check_for_unsupported_ops(theirs)
 
         def _convert_operator(self, op_name, inputs, attrs, opset):
             # The frontend converts nodes in graph order, so the k-th call for an op type is the
