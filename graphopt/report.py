@@ -11,7 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir.cost import count, macs
-from graphopt.ir.graph import export, np_dtype, static_shape
+from graphopt.ir.graph import export, np_dtype
 
 # Serialising more than this fails in protobuf; the compressed size of such a model is left out.
 _SERIALIZE_LIMIT = 2**31 - 1
@@ -152,10 +152,16 @@ def write_html(report: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def choices(stats: dict) -> dict[str, dict]:
+    """Per-layer decisions in a pass's stats, of a pass that chooses by measuring (winograd's
+    select="measure"): {layer: {"chosen", "timings_ms", "reason", ...}}."""
+    return {k: v for k, v in (stats.get("layers") or {}).items() if isinstance(v, dict) and "chosen" in v}
+
+
 def choices_table(stats: dict) -> str:
-    """Per-layer decisions of a pass that chooses by measuring (winograd's select="measure"):
-    layer, choice, the time of each candidate and why; empty when the pass chose nothing."""
-    layers = {k: v for k, v in (stats.get("layers") or {}).items() if isinstance(v, dict) and "chosen" in v}
+    """`choices` as an HTML table: layer, choice, the time of each candidate and why; empty when
+    the pass chose nothing."""
+    layers = choices(stats)
     if not layers:
         return ""
     candidates = list(dict.fromkeys(c for v in layers.values() for c in v.get("timings_ms", {})))

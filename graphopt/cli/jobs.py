@@ -13,7 +13,7 @@ from graphopt.ir import io
 from graphopt.ir.errors import GraphoptError
 from graphopt.optimize import optimize
 from graphopt.passes.pipeline import Pipeline
-from graphopt.report import write_html, write_json
+from graphopt.report import choices, write_html, write_json
 
 MODEL_NAME = "model.opt.onnx"
 
@@ -133,9 +133,8 @@ def print_report(report: dict, out_dir: Path) -> None:
         lat = report["latency_ms"]["onnxruntime"]
         print(f"{'ORT ms':14}{lat['before']:>16.4f}{lat['after']:>16.4f}")
     for record in report["passes"]:
-        for layer, choice in (record["stats"].get("layers") or {}).items():
-            if isinstance(choice, dict) and "chosen" in choice:
-                print(f"{record['name']}: {layer}: {choice['chosen']} ({choice.get('reason', '')})")
+        for layer, choice in choices(record["stats"]).items():
+            print(f"{record['name']}: {layer}: {choice['chosen']} ({choice.get('reason', '')})")
     for name, f in report["fidelity"]["outputs"].items():
         print(f"fidelity {name}: {_metrics(f)}")
     cg = report.get("codegen")
