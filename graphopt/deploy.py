@@ -14,7 +14,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import codegen
-from graphopt.codegen.targets import Target, code_arch, host_arch
+from graphopt.codegen import backends
+from graphopt.codegen.targets import Target
 from graphopt.ir import fidelity
 
 # Fidelity of a static batch-1 library is measured on at most this many samples, one at a time.
@@ -30,7 +31,7 @@ def build_for_target(graph: gs.Graph, target: Target, out_dir: str | os.PathLike
     section = {"target": target.name, "tvm_target": target.tvm, "library": str(result.library),
                "manifest": str(result.manifest_path), "build_seconds": round(result.seconds, 3),
                "cuda_device_code": entry.get("cuda_device_code")}
-    reason = _cannot_run_here(target)
+    reason = backends.of(target).cannot_run_here(target)
     if reason:
         section["not_run"] = reason
         return section
@@ -46,22 +47,13 @@ def build_for_target(graph: gs.Graph, target: Target, out_dir: str | os.PathLike
 
 def target_timer(target: Target) -> Callable[[onnx.ModelProto, dict[str, np.ndarray]], float] | None:
     """What passes that choose by measuring time models with (`PassContext.latency`): the model
-    compiled by TVM for `target` on this machine, or None (onnxruntime) where `target` cannot run
-    here."""
-    if _cannot_run_here(target):
+    compiled by TVM for `target` on this machine, or None (onnxruntime) where graphopt cannot time
+    `target` here."""
+    if not backends.of(target).can_time_here(target):
         return None
     from graphopt.codegen import measure
 
     return measure.latency(target)
-
-
-def _cannot_run_here(target: Target) -> str | None:
-    if target.device == "cuda":
-        return "built for CUDA; this machine has no GPU to run it on"
-    arch = code_arch(target)
-    if arch != host_arch():
-        return f"built for {arch}; this machine is {host_arch()} (tools/arm_env.py runs aarch64 emulated)"
-    return None
 
 
 def _batches(lib: codegen.CompiledModel, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

@@ -125,16 +125,20 @@ def write_html(report: dict, path: Path) -> None:
         parts.append(_table(["onnxruntime latency (ms)", "before", "after"],
                             [["one sample, median", f"{lat['before']:.4f}", f"{lat['after']:.4f}"]]))
     parts.append("<h2>Passes</h2>" + _table(
-        ["pass", "modified", "seconds", "stats"],
-        [[p["name"], str(p["modified"]), f"{p['seconds']:.3f}",
+        ["pass", "modified", "seconds", "decisions", "refused", "skipped", "stats"],
+        [[p["name"], str(p["modified"]), f"{p['seconds']:.3f}", str(len(p.get("decisions", {}))),
+          str(len(p.get("refused", []))), str(len(p.get("skipped", []))),
           f"<pre>{escape(json.dumps(p['stats'], indent=1, default=_jsonable))}</pre>"] for p in report["passes"]],
         raw_last=True))
     for p in report["passes"]:
         if "sensitivity" in p["stats"]:
             parts.append(f"<h2>Sensitivity: {escape(p['name'])}</h2>" + sensitivity_html(p["stats"]["sensitivity"]))
-        choices = choices_table(p["stats"])
+        choices = choices_table(p)
         if choices:
             parts.append(f"<h2>Choices: {escape(p['name'])}</h2>" + choices)
+        if p.get("refused"):
+            parts.append(f"<h2>Refused: {escape(p['name'])}</h2>" + _table(
+                ["node", "reason"], [[r["node"], r["reason"]] for r in p["refused"]]))
     parts.append("<h2>Fidelity vs the original (onnxruntime)</h2>" + _fidelity(report["fidelity"]["outputs"]))
     codegen = report.get("codegen")
     if codegen:
@@ -152,16 +156,16 @@ def write_html(report: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def choices(stats: dict) -> dict[str, dict]:
-    """Per-layer decisions in a pass's stats, of a pass that chooses by measuring (winograd's
-    select="measure"): {layer: {"chosen", "timings_ms", "reason", ...}}."""
-    return {k: v for k, v in (stats.get("layers") or {}).items() if isinstance(v, dict) and "chosen" in v}
+def choices(record: dict) -> dict[str, dict]:
+    """The per-layer decisions of a pass record (`PassRecord.as_dict()`) that chose by measuring
+    (winograd's select="measure"): {layer: {"chosen", "timings_ms", "reason", ...}}."""
+    return {k: v for k, v in record.get("decisions", {}).items() if "chosen" in v}
 
 
-def choices_table(stats: dict) -> str:
+def choices_table(record: dict) -> str:
     """`choices` as an HTML table: layer, choice, the time of each candidate and why; empty when
     the pass chose nothing."""
-    layers = choices(stats)
+    layers = choices(record)
     if not layers:
         return ""
     candidates = list(dict.fromkeys(c for v in layers.values() for c in v.get("timings_ms", {})))

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,4 +84,39 @@ def test_passes_lists_every_pass_with_semantics():
     for name in ("canonicalize", "fold-constants", "fold-batchnorm", "eliminate-noops", "fuse-matmul-add",
                  "eliminate-dead"):
         assert name in r.stdout
-    assert "EXACT" in r.stdout and "option max_growth_bytes" in r.stdout
+    assert "EXACT" in r.stdout and "max_growth_bytes=" in r.stdout
+
+
+def test_passes_name_prints_one_pass_with_option_help():
+    r = graphopt("passes", "quantize")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("quantize    [LOSSY")
+    assert "Matches:" in r.stdout and "prune-magnitude" not in r.stdout
+    for name in ("calibration", "include", "exclude", "keep_float"):  # each option, its default, its help
+        assert re.search(rf"^  {name}=\S+\s+\w", r.stdout, re.M), name
+    unknown = graphopt("passes", "quantise")
+    assert unknown.returncode == 2 and "did you mean quantize" in unknown.stderr
+
+
+def test_a_pass_that_crashes_is_named(tmp_path, monkeypatch, capsys):
+    from graphopt import cli
+    from graphopt.passes.cleanup.eliminate_dead import EliminateDead
+
+    monkeypatch.setattr(EliminateDead, "run", lambda self, graph, ctx: [][0])
+    code = cli.main(["optimize", str(DIGITS), "-o", str(tmp_path / "out"), "--passes", "fold-bn,dce", "-q"])
+    err = capsys.readouterr().err
+    assert code == 3 and not (tmp_path / "out").exists()
+    assert err.strip() == ("graphopt: error: pass 'eliminate-dead' failed (after fold-batchnorm): "
+                           "IndexError: list index out of range")
+
+
+def test_include_that_matches_nothing_is_an_error_on_every_layer_pass(tmp_path):
+    for spec in ("prune-magnitude(include=nosuchlayer)", "prune-n-m(include=nosuchlayer)",
+                 "prune-channels(ratio=0.3,include=nosuchlayer)", "factorize-svd(energy=0.9,include=nosuchlayer)",
+                 "factorize-tucker(energy=0.9,exclude=nosuchlayer)", "quantize(include=nosuchlayer)",
+                 "winograd(include=nosuchlayer)"):
+        r = graphopt("optimize", DIGITS, "-o", tmp_path / "out", "--passes", f"canonicalize,{spec}",
+                     "--data", ROOT / "models" / "digits_calib.npz")
+        assert r.returncode == 2, (spec, r.stderr)
+        assert "nosuchlayer matches no layer" in r.stderr and "Traceback" not in r.stderr, spec
+        assert not (tmp_path / "out").exists()

@@ -38,6 +38,14 @@ def test_unknown_target_fails_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_target_help_names_every_target():
+    from graphopt.codegen import targets
+
+    r = graphopt("compile", "--help")
+    squeezed = "".join(r.stdout.split())  # argparse wraps lines, also at hyphens
+    assert r.returncode == 0 and all(name in squeezed for name in targets.TARGETS)
+
+
 def test_tune_needs_a_target(tmp_path):
     r = graphopt("optimize", DIGITS, "--tune", "-o", tmp_path / "out")
     assert r.returncode != 0 and "--tune needs --target" in r.stderr
@@ -79,7 +87,7 @@ def test_winograd_measured_on_the_target_reports_each_choice(tmp_path):
                  "-o", tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "report.json").read_text())
-    layers = report["passes"][1]["stats"]["layers"]
+    layers = report["passes"][1]["decisions"]
     assert set(layers) == {"conv0", "conv3", "conv7"}
     for choice in layers.values():
         assert set(choice["timings_ms"]) == {"direct", "F(2x2,3x3)", "F(4x4,3x3)", "F(6x6,3x3)"}

@@ -10,13 +10,13 @@ from onnx_graphsurgeon.logger import G_LOGGER as gs_logger
 from graphopt import __version__
 from graphopt.cli.inspect import cmd_inspect, cmd_passes, cmd_quant_debug, cmd_sensitivity, cmd_verify
 from graphopt.cli.jobs import cmd_compile, cmd_optimize, cmd_tune
+from graphopt.codegen import targets
 from graphopt.ir.errors import DataError, GraphoptError, PipelineError
 
 
 def _target_options(p: argparse.ArgumentParser, required: bool = False, db_required: bool = False) -> None:
     g = p.add_argument_group("code generation (Apache TVM)")
-    g.add_argument("--target", required=required, metavar="T",
-                   help="x86 (this CPU), x86-64 (generic), arm (aarch64+NEON), arm-dotprod, cuda, or a JSON target dict")
+    g.add_argument("--target", required=required, metavar="T", help=targets.describe())
     g.add_argument("--cuda-arch", metavar="sm_XX", help="CUDA architecture for --target cuda (default sm_80)")
     if not db_required:
         g.add_argument("--tune", action="store_true", help="tune with MetaSchedule before compiling")
@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("passes", help="list the passes, their options and guarantees")
+    p = sub.add_parser("passes", help="list the passes, their options and guarantees; with NAME, one pass's "
+                                      "contract and every option's help")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a pass, e.g. quantize")
     p.set_defaults(func=cmd_passes)
 
     p = sub.add_parser("verify", help="compare two models' outputs in onnxruntime")

@@ -2,7 +2,6 @@
 quant-debug."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
@@ -14,6 +13,7 @@ from graphopt.ir.data import input_specs, load_feeds, random_feeds
 from graphopt.ir.errors import GraphoptError, PipelineError
 from graphopt.ir.graph import infer_shapes
 from graphopt.passes import registry
+from graphopt.passes.base import option_help
 from graphopt.passes.pipeline import Pipeline
 from graphopt.report import format_summary, summarize
 
@@ -26,13 +26,32 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_passes(args) -> int:
+    if args.name:
+        _print_pass(registry.lookup(args.name), verbose=True)
+        return 0
     for cls in registry.BUILTIN:
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip()
-        print(f"{cls.name}    [{cls.info.semantics.describe()}]")
-        for f in dataclasses.fields(cls.Options):
-            print(f"    option {f.name} = {f.default!r}")
-        print("    " + doc.replace("\n", "\n    ") + "\n")
+        _print_pass(cls, verbose=False)
+    print("graphopt passes NAME prints one pass's contract and every option with its help.")
     return 0
+
+
+def _print_pass(cls, verbose: bool) -> None:
+    """One pass: name, semantics and options; with `verbose`, its contract (the module docstring)
+    and each option's help."""
+    print(f"{cls.name}    [{cls.info.semantics.describe()}]")
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+    if not verbose:
+        print(f"    {doc.splitlines()[0] if doc else ''}")
+        options = ", ".join(f"{name}={default!r}" for name, default, _ in option_help(cls.Options))
+        print(f"    options: {options or 'none'}\n")
+        return
+    print("\n" + doc + "\n")
+    rows = option_help(cls.Options)
+    if rows:
+        print("options:")
+        width = max(len(f"{name}={default!r}") for name, default, _ in rows)
+        for name, default, text in rows:
+            print(f"  {f'{name}={default!r}':<{width}}  {text}")
 
 
 def cmd_verify(args) -> int:

@@ -48,9 +48,14 @@ def _job(args, pipeline: Pipeline, write_model: bool) -> int:
     if (out_dir / MODEL_NAME).resolve() == Path(args.model).resolve():
         raise GraphoptError(f"{args.model}: output {out_dir / MODEL_NAME} would overwrite the input model")
     target = _target(args)
-    result = optimize(args.model, pipeline, data=args.data, verify=not args.no_verify,
-                      instruments=() if args.quiet or not pipeline else (Progress(),), seed=args.seed,
-                      target_timer=_timer(target, pipeline))
+    progress = None if args.quiet or not pipeline else Progress()
+    try:
+        result = optimize(args.model, pipeline, data=args.data, verify=not args.no_verify,
+                          instruments=(progress,) if progress else (), seed=args.seed,
+                          target_timer=_timer(target, pipeline))
+    finally:
+        if progress:
+            progress.end_line()
     _write_outputs(result, out_dir, args, target, write_model)
     if not args.quiet:
         print_report(result.report, out_dir)
@@ -62,8 +67,7 @@ def _job(args, pipeline: Pipeline, write_model: bool) -> int:
 
 def _timer(target, pipeline: Pipeline):
     """The target's timer, only when a pass will measure (compiling candidates costs seconds)."""
-    measures = any(getattr(p.options, "select", None) == "measure" for p in pipeline)
-    if target is None or not measures:
+    if target is None or not any(p.info.needs_latency for p in pipeline):
         return None
     from graphopt import deploy
 
@@ -133,8 +137,12 @@ def print_report(report: dict, out_dir: Path) -> None:
         lat = report["latency_ms"]["onnxruntime"]
         print(f"{'ORT ms':14}{lat['before']:>16.4f}{lat['after']:>16.4f}")
     for record in report["passes"]:
-        for layer, choice in choices(record["stats"]).items():
+        for layer, choice in choices(record).items():
             print(f"{record['name']}: {layer}: {choice['chosen']} ({choice.get('reason', '')})")
+        if record.get("refused") or record.get("skipped"):
+            print(f"{record['name']}: {len(record.get('decisions', {}))} layers rewritten or chosen, "
+                  f"{len(record.get('refused', []))} refused, {len(record.get('skipped', []))} skipped "
+                  f"(--explain says why)")
     for name, f in report["fidelity"]["outputs"].items():
         print(f"fidelity {name}: {_metrics(f)}")
     cg = report.get("codegen")
@@ -152,12 +160,8 @@ def _metrics(f: dict) -> str:
 
 
 def _refusals(records: list[dict]):
-    def walk(stats, where):
-        if isinstance(stats, dict):
-            for r in stats.get("refused", []):
-                yield f"{where}: {r.get('node')}: {r['reason']}"
-            for key, value in stats.items():
-                if isinstance(value, dict):
-                    yield from walk(value, key)
     for record in records:
-        yield from walk(record["stats"], record["name"])
+        for kind in ("refused", "skipped"):
+            for r in record.get(kind, []):
+                where = f"{record['name']} ({r['rule']})" if r.get("rule") else record["name"]
+                yield f"{where}: {kind} {r['node'] or '(graph)'}: {r['reason']}"

@@ -35,10 +35,20 @@ class ProgressBar:
 class Progress(Instrument):
     """One line per pass on stderr: what is running, then how long it took."""
 
+    def __init__(self):
+        self._open = False
+
     def before_pass(self, pass_, graph, index, total):
         print(f"[{index + 1}/{total}] {pass_!r} ...", end="", file=sys.stderr, flush=True)
-        self._start = time.perf_counter()
+        self._start, self._open = time.perf_counter(), True
 
     def after_pass(self, pass_, graph, record):
         state = "modified" if record.modified else "unchanged"
         print(f" {state} in {time.perf_counter() - self._start:.2f}s", file=sys.stderr, flush=True)
+        self._open = False
+
+    def end_line(self) -> None:
+        """End a pass's line that an error cut short, so the error stands on a line of its own."""
+        if self._open:
+            print(" failed", file=sys.stderr, flush=True)
+            self._open = False

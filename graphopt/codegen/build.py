@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.codegen import cpu_pipeline, cuda, manifest, onnx_import
+from graphopt.codegen import backends, manifest, onnx_import
 from graphopt.codegen.targets import Target, fcompile, resolve, tvm_error_summary
 from graphopt.ir import io
 from graphopt.ir.errors import CodegenError
@@ -78,7 +78,7 @@ def compile(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Targe
 def check_supported(model: onnx.ModelProto) -> None:
     """Raise CodegenError naming every node (in subgraphs too) whose op graphopt cannot import."""
     known = onnx_import.known_ops() | _FRONTEND_BUILTIN_OPS
-    missing = [n for n in _all_nodes(model.graph) if n.op_type not in known]
+    missing = [n for n in _all_nodes(model.graph) if n.op_type not in known or onnx_import.foreign(n)]
     if not missing:
         return
     shown = "; ".join(f"node '{n.name or '(unnamed)'}' ({n.op_type})" for n in missing[:_UNSUPPORTED_SHOWN])
@@ -130,19 +130,12 @@ def _input_shape(info: onnx.ValueInfoProto, override: Sequence[int] | None) -> l
 
 def lower_for_tuning(mod, target: Target):
     """Relax with every operator lowered and fused into TIR kernels: the workloads MetaSchedule
-    tunes and a database is keyed by: on CPUs the lowering half of graphopt's CPU pipeline, elsewhere
-    what `static_shape_tuning_pipeline` runs before tuning. The tuner and `apply_database` both use
-    it, so the keys a database is written with are the ones looked up."""
+    tunes and a database is keyed by (the target's backend's `lowering_passes`). The tuner and
+    `apply_database` both use it, so the keys a database is written with are the ones looked up."""
     import tvm
-    from tvm import relax
 
-    if target.device == "cpu":  # the kernels the CPU pipeline would schedule by default
-        passes = cpu_pipeline.lowering_passes(target)
-    else:
-        passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-                  relax.pipeline.zero_pipeline()]
     with target.tvm_target():
-        return tvm.transform.Sequential(passes)(mod)
+        return tvm.transform.Sequential(backends.of(target).lowering_passes(target))(mod)
 
 
 def apply_database(mod, target: Target, database: str | os.PathLike):
@@ -211,31 +204,19 @@ def _type_spec(ty) -> dict:
 
 
 def _tvm_compile(mod, target: Target):
-    import tvm
-
-    # CUDA source, so that the device code in the library is whatever _export decides on every machine.
-    scope = cuda.source_codegen() if target.device == "cuda" else nullcontext()
-    # TVM's CPU pipeline schedules nothing; graphopt's schedules every kernel a database did not.
-    pipeline = cpu_pipeline.pipeline(target) if target.device == "cpu" else "default"
     try:
-        with scope:
-            return tvm.compile(mod, target=target.tvm_target(), relax_pipeline=pipeline)
+        return backends.of(target).compile(mod, target)
     except Exception as e:  # noqa: BLE001 - TVM raises many unrelated types
         raise CodegenError(f"TVM could not compile the model for {target.name}: {tvm_error_summary(e)}") from e
 
 
 def _export(executable, target: Target, library: Path, linker) -> str | None:
-    """Write the library atomically; return how CUDA device code is embedded (None for CPU)."""
-    device_code, fpack = None, None
-    if target.device == "cuda":
-        device_code = cuda.FATBIN if cuda.nvcc_available() else cuda.SOURCE
-        if device_code == cuda.FATBIN:
-            fpack = cuda.fatbin_packer(executable, target.tvm_target())
+    """Write the library atomically; return how device code is embedded (None for CPU)."""
     library.parent.mkdir(parents=True, exist_ok=True)
     # Not mkstemp: the linker creates the file, so it gets the usual permissions.
     staged = library.with_name(f".{library.name}.{secrets.token_hex(6)}.so")
     try:
-        executable.export_library(staged, fcompile=linker, fpack_imports=fpack)
+        device_code = backends.of(target).export(executable, target, staged, linker)
         os.replace(staged, library)
     except BaseException:
         Path(staged).unlink(missing_ok=True)

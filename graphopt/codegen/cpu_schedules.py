@@ -7,7 +7,9 @@ loaded from one operand is reused from registers while the other operand is broa
 reduction loops around that block, the fused epilogue (bias, BatchNorm, residual add, ReLU)
 applied to each tile while it is in registers, and the tiles spread over the cores. Injective
 kernels (padding, transposes, elementwise chains) are vectorized and, when large, parallel.
-Anything else keeps TVM's unscheduled loops: correct, only slow.
+Kernels graphopt's converters build carry a tag (`KERNEL_TAG`) on their blocks and get the
+schedule for that kernel (Winograd's: `winograd_schedule`). Anything else keeps TVM's unscheduled
+loops: correct, only slow.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ _SPARE_REGISTERS = 4
 # Kernels smaller than these run on one core: waking the thread pool costs microseconds.
 _PARALLEL_MIN_ELEMENTS = 1 << 14
 _PARALLEL_MIN_MACS = 1 << 20
+# The block annotation naming a block's kernel and stage, e.g. "winograd_bgemm": set when the
+# kernel is built at conversion, it survives fusion, which drops a PrimFunc's attributes.
+KERNEL_TAG = "graphopt.kernel"
 
 
 @dataclass(frozen=True)
@@ -310,21 +315,22 @@ def schedule(func, simd: Simd):
     blocks = sch.get_child_blocks(sch.get_sblock(root.name_hint))
     if not all(isinstance(it.dom.extent, tirx.IntImm) for b in blocks for it in sch.get(b).iter_vars):
         return None  # tile sizes are chosen for static shapes, which graphopt's libraries have
+    tagged = {str(sch.get(b).annotations[KERNEL_TAG]): b for b in blocks
+              if KERNEL_TAG in sch.get(b).annotations}
     reducing = [b for b in blocks if any(it.iter_type != it.DataPar for it in sch.get(b).iter_vars)]
     try:
+        if tagged:  # only the Winograd converter tags its kernels
+            # Imported here: the Winograd schedule builds on this module's reduction schedule.
+            from graphopt.codegen import winograd_schedule
+
+            return sch if winograd_schedule.schedule_winograd(sch, blocks, tagged, simd) else None
         if not reducing:
             for block in _inline_into_last(sch, blocks):
                 if not _schedule_transpose(sch, block, simd):
                     _vectorize_innermost(sch, block, simd)
             return sch
-        if len(reducing) != 1:
-            # Imported here: the Winograd schedule builds on this module's reduction schedule.
-            from graphopt.codegen import winograd_schedule
-
-            try:
-                return sch if winograd_schedule.schedule_winograd(sch, blocks, simd) else None
-            except (ValueError, IndexError):  # a loop nest of a shape the schedule does not know
-                return None
+        if len(reducing) != 1:  # no schedule here handles several reductions in one kernel
+            return None
         producers = blocks[:blocks.index(reducing[0])]
         if not _schedule_reduction(sch, reducing[0], simd):
             return None

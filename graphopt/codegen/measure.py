@@ -14,8 +14,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from graphopt.codegen import build, runtime
-from graphopt.codegen.targets import Target, code_arch, host_arch, resolve, runs_on_this_cpu
+from graphopt.codegen import backends, build, runtime
+from graphopt.codegen.targets import Target, code_arch, host_arch, resolve
 from graphopt.ir.errors import CodegenError
 
 REPEAT = 50
@@ -24,7 +24,7 @@ REPEAT = 50
 def latency(target: str | Target) -> Callable[[onnx.ModelProto, dict[str, np.ndarray]], float]:
     """A function timing `(model, feeds)` compiled for `target` (median ms of REPEAT runs)."""
     resolved = resolve(target) if isinstance(target, str) else target
-    if not runs_on_this_cpu(resolved):
+    if not backends.of(resolved).can_time_here(resolved):
         raise CodegenError(f"measuring latency runs the model here, on this {host_arch()} CPU; target "
                            f"{resolved.name} ({resolved.device}, {code_arch(resolved)}) cannot run here")
 

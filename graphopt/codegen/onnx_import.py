@@ -1,11 +1,13 @@
 """ONNX -> Relax: TVM's ONNX frontend, plus the operators graphopt converts itself.
 
 TVM 0.27's frontend has no QLinearConv, QLinearMatMul, ConvInteger or MatMulInteger, and knows
-nothing of the convolutions graphopt's winograd pass marks for TVM. `CONVERTERS` maps those op
-types to converters with the frontend's converter signature, `(bb, inputs, attrs) -> relax.Expr`,
-where `inputs` holds `relax.Constant` for initializers (weights are bound, not parameters). The
-importer is the frontend's own, subclassed only at its two op-dispatch points, so every other op
-converts exactly as TVM converts it.
+nothing of graphopt's own ops (`graphopt.ir.ops`, e.g. the convolutions graphopt's winograd pass
+marks for TVM). `CONVERTERS` maps those op types to converters with the frontend's converter
+signature, `(bb, inputs, attrs) -> relax.Expr`, where `inputs` holds `relax.Constant` for
+initializers (weights are bound, not parameters). The importer is the frontend's own, subclassed
+only at its two op-dispatch points, so every other op converts exactly as TVM converts it.
+graphopt's own ops convert only from their domain (`ops.DOMAIN`): an op of the same name from
+another domain is not graphopt's, and is left to TVM, which has no converter for it.
 """
 from __future__ import annotations
 
@@ -17,19 +19,27 @@ import onnx
 
 from graphopt.codegen import int8_import, winograd
 from graphopt.codegen.targets import tvm_error_summary
+from graphopt.ir import ops
 from graphopt.ir.errors import CodegenError
 
 # Each module adds `CONVERTERS: dict[str, Callable]`, imported here explicitly (no registration
 # by import side effect): graphopt.codegen.int8_import (QLinearConv, QLinearMatMul, ConvInteger,
-# MatMulInteger) and graphopt.codegen.winograd (WinogradConv, marked by the winograd pass).
+# MatMulInteger) and graphopt.codegen.winograd (graphopt's own ops, ops.DOMAIN).
 CONVERTERS: Mapping[str, Callable] = {**int8_import.CONVERTERS, **winograd.CONVERTERS}
+_OWN_OPS = frozenset(winograd.CONVERTERS)
 
 
 def known_ops() -> frozenset[str]:
-    """Every op type this importer converts."""
+    """Every op type this importer converts (graphopt's own ops only from their domain: `foreign`)."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
     return frozenset(onnx_frontend._get_convert_map()) | frozenset(CONVERTERS)
+
+
+def foreign(node: onnx.NodeProto) -> bool:
+    """Whether `node` has the type of one of graphopt's own ops from another domain than
+    `ops.DOMAIN`: not graphopt's op, and no converter takes it."""
+    return node.op_type in _OWN_OPS and node.domain != ops.DOMAIN
 
 
 def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
@@ -47,7 +57,7 @@ def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
             # The frontend's check reads only the nodes: hand it the ones it converts, without
             # copying the graph's weights.
             theirs = onnx.GraphProto()
-            theirs.node.extend(n for n in graph.node if n.op_type not in CONVERTERS)
+            theirs.node.extend(n for n in graph.node if n.op_type not in CONVERTERS or foreign(n))
             super()._check_for_unsupported_ops(theirs)
 
         def _convert_operator(self, op_name, inputs, attrs, opset):

@@ -15,13 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.codegen import manifest
+from graphopt.codegen import backends, manifest
 from graphopt.codegen.targets import host_arch, tvm_error_summary
 from graphopt.ir.errors import CodegenError, DataError
 
-# A library built where nvcc was missing compiles its CUDA source when loaded.
-_SOURCE_HINT = ("; it carries CUDA source, which loading compiles with NVRTC: `pip install cuda-bindings`, "
-                "or rebuild it where nvcc is on PATH to embed compiled device code")
 # ELF e_machine values of the architectures we build for.
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 
@@ -40,13 +37,14 @@ class CompiledModel:
         self.library, self.entry = library, entry
         self.inputs: list[dict] = model["inputs"]
         self.outputs: list[dict] = model["outputs"]
-        self.device = _device(entry["device"], library)
+        backend = _backend(entry["device"], library)
+        self.device = backend.runtime_device(library)
         try:
             module = tvm.runtime.load_module(str(library))
             self._main = relax.VirtualMachine(module, self.device)["main"]
         except Exception as e:  # noqa: BLE001 - TVM raises many unrelated types
-            hint = _SOURCE_HINT if entry.get("cuda_device_code") == "source" else ""
-            raise CodegenError(f"{library}: TVM cannot load the library: {tvm_error_summary(e)}{hint}") from e
+            raise CodegenError(f"{library}: TVM cannot load the library: {tvm_error_summary(e)}"
+                               f"{backend.load_hint(entry)}") from e
 
     def __call__(self, *arrays: np.ndarray, **feeds: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         """Inputs by position, by name, or both; the only output, or a dict when there are several."""
@@ -137,17 +135,10 @@ def _check_architecture(library: Path) -> None:
                            f"on {arch} (or under qemu-{arch} with an {arch} Python and TVM)")
 
 
-def _device(kind: str, library: Path):
-    import tvm
-
-    if kind == "cpu":
-        return tvm.cpu(0)
-    if kind == "cuda":
-        device = tvm.cuda(0)
-        if not device.exist:
-            raise CodegenError(f"{library} runs on CUDA, and TVM finds no CUDA device here")
-        return device
-    raise CodegenError(f"{library}: the manifest names device '{kind}', which graphopt cannot run")
+def _backend(kind: str, library: Path) -> backends.Backend:
+    if kind not in backends.BACKENDS:
+        raise CodegenError(f"{library}: the manifest names device '{kind}', which graphopt cannot run")
+    return backends.BACKENDS[kind]
 
 
 def _checked(spec: dict, value) -> np.ndarray:

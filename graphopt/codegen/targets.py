@@ -1,9 +1,13 @@
-"""Named compilation targets: TVM target dicts, the device a library runs on, and its linker.
+"""Named compilation targets: one row of `TARGETS` per name, each building a `Target` (TVM target
+dicts, the device kind it runs on, its linker).
 
 TVM 0.27 takes targets only as JSON dicts (`{"kind": "llvm", "mcpu": ...}`); the old
 `"llvm -mcpu=..."` strings raise. A `Target` also says how its library is linked: the host C
 compiler for the build machine's own architecture, otherwise a cross linker (the Debian cross g++
 when installed, else `zig cc` from the `ziglang` pip package).
+
+A new CPU variant is one row of `TARGETS`. A new device kind is a backend (graphopt.codegen.backends)
+plus its rows here: its named targets in `TARGETS`, its TVM target kind in `_KINDS`.
 """
 from __future__ import annotations
 
@@ -28,8 +32,9 @@ _ARM_DOTPROD = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon
 _CUDA_ARCH = re.compile(r"sm_\d{2,3}[a-z]?")
 # platform.machine() spellings -> the architecture part of a target triple.
 _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
-# Kinds the runtime can run, and the device each runs on.
-_DEVICES = {"llvm": "cpu", "cuda": "cuda"}
+# The TVM target kinds a JSON target may name -> (the device kind, i.e. the backend, that runs it;
+# the host target a device target gets when the JSON gives none).
+_KINDS = {"llvm": ("cpu", None), "cuda": ("cuda", GENERIC_X86)}
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,8 @@ class Target:
 
     `tvm` is the TVM JSON target dict; `host` the dict for the host side of a device target (CUDA
     launch code); `cross` describes the cross linker when the library is not for this machine's
-    architecture (None when the host C compiler links it); `device` is "cpu" or "cuda".
+    architecture (None when the host C compiler links it); `device` is the device kind, "cpu" or
+    "cuda", which names the backend (`graphopt.codegen.backends.of`).
     """
 
     name: str
@@ -54,73 +60,35 @@ class Target:
         return tvm.target.Target(self.tvm, host=self.host) if self.host else tvm.target.Target(self.tvm)
 
 
-NAMES = ("x86", "x86-64", "arm", "arm-dotprod", "cuda")
+# Builds a named target: (name, --cuda-arch or None) -> Target.
+Factory = Callable[[str, str | None], Target]
 
 
-def resolve(name: str, cuda_arch: str | None = None) -> Target:
-    """Resolve a target name, or a raw JSON target dict given as a string.
+@dataclass(frozen=True)
+class NamedTarget:
+    """One row of `TARGETS`: how the target is built, and a few words for `--target`'s help."""
 
-    `x86` detects the build machine's CPU (its `mcpu`): the library uses every feature found
-    (AVX-512, VNNI, ...) and runs only on CPUs that have them; `x86-64` is generic. `arm` is aarch64
-    with NEON, `arm-dotprod` adds the int8 dot-product instructions. `cuda` compiles for
-    `cuda_arch` ("sm_80" unless given), with generic x86-64 host code. Raises CodegenError for an
-    unknown name, a bad JSON target, or an aarch64 target with no cross linker installed.
-    """
-    if cuda_arch is not None and name != "cuda":
-        raise CodegenError(f"--cuda-arch {cuda_arch} applies only to the cuda target, not '{name}'")
-    if name.lstrip().startswith("{"):
-        return _from_json(name)
-    if name == "x86":
-        return _cpu_target(name, _detect_host())
-    if name == "x86-64":
-        return _cpu_target(name, dict(GENERIC_X86))
-    if name == "arm":
-        return _cpu_target(name, dict(_ARM))
-    if name == "arm-dotprod":
-        return _cpu_target(name, dict(_ARM_DOTPROD))
-    if name == "cuda":
-        return _cuda_target(cuda_arch or DEFAULT_CUDA_ARCH)
-    raise CodegenError(f"unknown target '{name}': use one of {', '.join(NAMES)}, "
-                       'or a TVM target as JSON, e.g. \'{"kind": "llvm", "mcpu": "skylake-avx512"}\'')
+    build: Factory
+    summary: str
 
 
-def _cpu_target(name: str, tvm_dict: dict) -> Target:
-    return Target(name, tvm_dict, None, _cross_description(_triple_arch(tvm_dict)), "cpu")
+def _cpu(spec: dict | Callable[[], dict]) -> Factory:
+    """The factory of a CPU target whose TVM dict is `spec`, or what `spec()` finds (when resolved:
+    detecting the host's CPU imports TVM)."""
+
+    def build(name: str, cuda_arch: str | None) -> Target:
+        _no_cuda_arch(name, cuda_arch)
+        tvm_dict = dict(spec() if callable(spec) else spec)
+        return Target(name, tvm_dict, None, _cross_description(_triple_arch(tvm_dict)), "cpu")
+
+    return build
 
 
-def _cuda_target(arch: str) -> Target:
+def _cuda(name: str, cuda_arch: str | None) -> Target:
+    arch = cuda_arch or DEFAULT_CUDA_ARCH
     if not _CUDA_ARCH.fullmatch(arch):
         raise CodegenError(f"CUDA architecture '{arch}' is not of the form sm_XY (e.g. sm_80, sm_90a)")
-    host = dict(GENERIC_X86)
-    return Target("cuda", {"kind": "cuda", "arch": arch}, host, _cross_description("x86_64"), "cuda")
-
-
-def _from_json(text: str) -> Target:
-    try:
-        spec = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CodegenError(f"target is not valid JSON ({e.msg} at column {e.colno}): {text}") from None
-    if not isinstance(spec, dict) or spec.get("kind") not in _DEVICES:
-        raise CodegenError(f"a JSON target must be an object whose \"kind\" is one of "
-                           f"{', '.join(_DEVICES)}: {text}")
-    host = spec.pop("host", None)
-    _validate(spec, host, text)
-    cpu = host or spec
-    if spec["kind"] == "cuda" and host is None:
-        host = dict(GENERIC_X86)
-        cpu = host
-    digest = hashlib.sha256(json.dumps([spec, host], sort_keys=True).encode()).hexdigest()[:8]
-    return Target(f"custom-{digest}", spec, host, _cross_description(_triple_arch(cpu)),
-                  _DEVICES[spec["kind"]])
-
-
-def _validate(spec: dict, host: dict | None, text: str) -> None:
-    import tvm
-
-    try:
-        tvm.target.Target(spec, host=host) if host else tvm.target.Target(spec)
-    except Exception as e:  # noqa: BLE001 - TVM raises several unrelated types for a bad target
-        raise CodegenError(f"TVM rejects the target {text}: {tvm_error_summary(e)}") from None
+    return Target(name, {"kind": "cuda", "arch": arch}, dict(GENERIC_X86), _cross_description("x86_64"), "cuda")
 
 
 def _detect_host() -> dict:
@@ -133,6 +101,71 @@ def _detect_host() -> dict:
     found = tvm.target.Target.from_device(tvm.cpu()).export()
     # The triple TVM reports is its own build's (e.g. x86_64-conda-linux-gnu); say what we link.
     return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": str(found["mcpu"])}
+
+
+TARGETS: dict[str, NamedTarget] = {
+    # The library uses every feature of the build machine's CPU (AVX-512, VNNI, ...) and runs only
+    # on CPUs that have them.
+    "x86": NamedTarget(_cpu(_detect_host), "this machine's CPU, every feature it has"),
+    "x86-64": NamedTarget(_cpu(GENERIC_X86), "any x86-64 CPU"),
+    "arm": NamedTarget(_cpu(_ARM), "aarch64 with NEON"),
+    "arm-dotprod": NamedTarget(_cpu(_ARM_DOTPROD), "aarch64 with NEON and int8 dot products"),
+    "cuda": NamedTarget(_cuda, f"an NVIDIA GPU of --cuda-arch, default {DEFAULT_CUDA_ARCH}"),
+}
+NAMES = tuple(TARGETS)
+
+
+def describe() -> str:
+    """The targets `resolve` takes, a few words each: the CLI's help for `--target`."""
+    named = ", ".join(f"{name} ({row.summary})" for name, row in TARGETS.items())
+    return f"{named}, or a TVM target as a JSON dict"
+
+
+def resolve(name: str, cuda_arch: str | None = None) -> Target:
+    """Resolve a target name (a key of `TARGETS`), or a raw JSON target dict given as a string.
+
+    `cuda_arch` ("sm_80" unless given) applies only to the cuda target. Raises CodegenError for an
+    unknown name, a bad JSON target, or an aarch64 target with no cross linker installed.
+    """
+    if name.lstrip().startswith("{"):
+        _no_cuda_arch(name, cuda_arch)
+        return _from_json(name)
+    row = TARGETS.get(name)
+    if row is None:
+        raise CodegenError(f"unknown target '{name}': use one of {', '.join(TARGETS)}, "
+                           'or a TVM target as JSON, e.g. \'{"kind": "llvm", "mcpu": "skylake-avx512"}\'')
+    return row.build(name, cuda_arch)
+
+
+def _no_cuda_arch(name: str, cuda_arch: str | None) -> None:
+    if cuda_arch is not None:
+        raise CodegenError(f"--cuda-arch {cuda_arch} applies only to the cuda target, not '{name}'")
+
+
+def _from_json(text: str) -> Target:
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CodegenError(f"target is not valid JSON ({e.msg} at column {e.colno}): {text}") from None
+    if not isinstance(spec, dict) or spec.get("kind") not in _KINDS:
+        raise CodegenError(f"a JSON target must be an object whose \"kind\" is one of "
+                           f"{', '.join(_KINDS)}: {text}")
+    device, default_host = _KINDS[spec["kind"]]
+    host = spec.pop("host", None)
+    _validate(spec, host, text)
+    if host is None and default_host is not None:
+        host = dict(default_host)
+    digest = hashlib.sha256(json.dumps([spec, host], sort_keys=True).encode()).hexdigest()[:8]
+    return Target(f"custom-{digest}", spec, host, _cross_description(_triple_arch(host or spec)), device)
+
+
+def _validate(spec: dict, host: dict | None, text: str) -> None:
+    import tvm
+
+    try:
+        tvm.target.Target(spec, host=host) if host else tvm.target.Target(spec)
+    except Exception as e:  # noqa: BLE001 - TVM raises several unrelated types for a bad target
+        raise CodegenError(f"TVM rejects the target {text}: {tvm_error_summary(e)}") from None
 
 
 def tvm_error_summary(e: BaseException) -> str:
@@ -150,11 +183,6 @@ def host_arch() -> str:
 def code_arch(target: Target) -> str:
     """The architecture `target`'s CPU code is for (x86_64, aarch64)."""
     return _triple_arch(target.tvm)
-
-
-def runs_on_this_cpu(target: Target) -> bool:
-    """Whether `target`'s code runs on this machine's CPU, as tuning and timing need."""
-    return target.device == "cpu" and code_arch(target) == host_arch()
 
 
 def _triple_arch(tvm_dict: dict) -> str:

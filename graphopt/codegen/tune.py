@@ -36,8 +36,8 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.codegen import build, cpu_schedules, tune_db
-from graphopt.codegen.targets import Target, host_arch, resolve, runs_on_this_cpu, tvm_error_summary
+from graphopt.codegen import backends, build, cpu_schedules, tune_db
+from graphopt.codegen.targets import Target, host_arch, resolve, tvm_error_summary
 from graphopt.ir import io
 from graphopt.ir.errors import CodegenError
 from graphopt.ir.graph import export
@@ -120,7 +120,7 @@ def _tuning_target(target: Target):
     import psutil
     import tvm
 
-    if not runs_on_this_cpu(target):
+    if not backends.of(target).can_time_here(target):
         raise CodegenError(f"tuning measures kernels on this machine ({host_arch()} CPU), so it cannot "
                            f"tune for {target.name}; tune on that device, or compile untuned")
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1

@@ -1,10 +1,10 @@
-"""WinogradConv -> TVM's Winograd convolution F(m x m, 3 x 3).
+"""graphopt's WinogradConv op (`graphopt.ir.ops`) -> TVM's Winograd convolution F(m x m, 3 x 3).
 
 graphopt's winograd pass (`emit="tvm"`) marks a 3x3 convolution (stride 1, dilation 1, group 1,
-constant weights) as `ai.graphopt::WinogradConv` with `pads` (ONNX order) and `tile` (m = 2, 4
-or 6). It becomes one kernel computing TOPI's NCHW Winograd stages: the data transform
-(`data_pack`), the batched GEMM over the alpha x alpha tile positions (`bgemm`, alpha = m + 2) and
-the inverse transform (`inverse`); a bias add and the activations after it fuse into the kernel's
+constant weights) as graphopt's WinogradConv op with `pads` (ONNX order) and `tile` (m, one
+of `ops.WINOGRAD_TILES`). It becomes one kernel computing TOPI's NCHW Winograd stages: the data
+transform (`data_pack`), the batched GEMM over the alpha x alpha tile positions (`bgemm`, alpha =
+m + 2) and the inverse transform (`inverse`); a bias add and the activations after it fuse into the kernel's
 output. The weight transform U = G w G^T is done here, once, in float64 numpy with TOPI's own G,
 so that U matches the data and inverse transforms TOPI generates and no kernel runs it per call.
 
@@ -15,7 +15,8 @@ chains of Winograd layers and the elementwise ops between them stay NCHW without
 
 MetaSchedule tunes the kernel as one task (data transform, bgemm and inverse transform together,
 the inverse with TOPI's Winograd rule; see `_tunable` for the two hints removed), and
-`cpu_schedules` gives it a default schedule by TOPI's block names.
+`cpu_schedules` gives it a default schedule (`winograd_schedule`), dispatched on the stage tags
+(`TAGS`) set here.
 """
 from __future__ import annotations
 
@@ -23,17 +24,20 @@ import functools
 
 import numpy as np
 
+from graphopt.codegen.cpu_schedules import KERNEL_TAG
+from graphopt.ir import ops
 from graphopt.ir.errors import CodegenError
 
-TILES = (2, 4, 6)
 KERNEL = 3
+# TOPI's block of each stage -> the tag (KERNEL_TAG) it gets here, which the CPU scheduler dispatches on.
+TAGS = {stage: f"winograd_{stage}" for stage in ("data_pack", "bgemm", "inverse")}
 # Tile counts are made multiples of this where that costs at most MAX_EXTRA_TILES times the work.
 VECTOR_TILES = 16
 MAX_EXTRA_TILES = 1.5
 
 
 def convert(bb, inputs, attrs: dict):
-    """The frontend converter for WinogradConv: `(bb, inputs, attrs) -> relax.Expr`."""
+    """The frontend converter for graphopt's WinogradConv: `(bb, inputs, attrs) -> relax.Expr`."""
     import tvm
     from tvm import relax
 
@@ -41,16 +45,17 @@ def convert(bb, inputs, attrs: dict):
     bias = inputs[2] if len(inputs) > 2 else None
     tile = int(attrs.get("tile", 0))
     pads = tuple(int(p) for p in attrs.get("pads", (0, 0, 0, 0)))
-    if tile not in TILES:
-        raise CodegenError(f"WinogradConv: tile must be one of {TILES}, not {tile}")
+    if tile not in ops.WINOGRAD_TILES:
+        raise CodegenError(f"{ops.WINOGRAD_CONV}: tile must be one of {ops.WINOGRAD_TILES}, not {tile}")
     if len(pads) != 4:
-        raise CodegenError(f"WinogradConv: pads must be 4 ints (top, left, bottom, right), not {list(pads)}")
+        raise CodegenError(f"{ops.WINOGRAD_CONV}: pads must be 4 ints (top, left, bottom, right), "
+                           f"not {list(pads)}")
     if not isinstance(weight, tvm.ir.GenericConst):
-        raise CodegenError("WinogradConv: the weights must be a constant (an initializer)")
+        raise CodegenError(f"{ops.WINOGRAD_CONV}: the weights must be a constant (an initializer)")
     w = weight.value.numpy()
     shape = [int(d) for d in data.ty.shape.values]
     if w.ndim != 4 or w.shape[2:] != (KERNEL, KERNEL) or shape[1] != w.shape[1]:
-        raise CodegenError(f"WinogradConv: weights of shape {list(w.shape)} are not 3x3 over the "
+        raise CodegenError(f"{ops.WINOGRAD_CONV}: weights of shape {list(w.shape)} are not 3x3 over the "
                            f"input's {shape[1]} channels")
     func, out_shape = _kernel(shape, str(data.ty.dtype), w.shape[0], tile, pads)
     kernel = bb.add_func(func, f"winograd_f{tile}x{tile}")
@@ -69,7 +74,7 @@ def _kernel(shape: list[int], dtype: str, filters: int, tile: int, pads: tuple[i
     n, channels, height, width = shape
     out_h, out_w = height + pads[0] + pads[2] - KERNEL + 1, width + pads[1] + pads[3] - KERNEL + 1
     if out_h < 1 or out_w < 1:
-        raise CodegenError(f"WinogradConv: a {height}x{width} input with pads {list(pads)} has no output")
+        raise CodegenError(f"{ops.WINOGRAD_CONV}: a {height}x{width} input with pads {list(pads)} has no output")
     # TOPI's NCHW kernel pads by `pads` only, yet reads whole tiles: where m does not divide the
     # output it reads past the padded input, and the garbage leaks into the last tile's outputs
     # through the transforms. Padding the bottom and right up to whole tiles (and beyond, see
@@ -88,7 +93,7 @@ def _kernel(shape: list[int], dtype: str, filters: int, tile: int, pads: tuple[i
     return _tunable(te.create_prim_func([x, u, y], index_dtype_override="int64")), out_shape
 
 
-CONVERTERS = {"WinogradConv": convert}
+CONVERTERS = {ops.WINOGRAD_CONV: convert}
 
 
 def _tile_grid(batch: int, rows: int, cols: int) -> tuple[int, int]:
@@ -105,19 +110,25 @@ def _tile_grid(batch: int, rows: int, cols: int) -> tuple[int, int]:
 
 
 def _tunable(func):
-    """TOPI's kernel without two hints with which MetaSchedule's evolutionary search in TVM 0.27
-    fails on it ("The block no longer exists in the IRModule"); without them it runs:
+    """TOPI's kernel with each stage's block tagged (`TAGS`), and without two hints with which
+    MetaSchedule's evolutionary search in TVM 0.27 fails on it ("The block no longer exists in the
+    IRModule"); without them it runs:
 
     - U marked layout-free, which invites the RewriteLayout postprocessor; the layout transform
       it adds would also run on every call, as graphopt's build does not fold it into the
       constant. U is laid out as the bgemm reads it already.
     - `data_pack`'s custom CPU rule; the generic rules tune the data transform instead (the
       inverse transform keeps its rule).
+
+    The tags are block annotations: FuseTIR keeps those when it fuses the bias and activations
+    into the kernel, and drops the PrimFunc's attributes.
     """
     from tvm import s_tir
 
     sch = s_tir.Schedule(func.without_attr("layout_free_buffers"))
     sch.unannotate(sch.get_sblock("data_pack"), "schedule_rule")
+    for block, tag in TAGS.items():
+        sch.annotate(sch.get_sblock(block), KERNEL_TAG, tag)
     return sch.mod["main"].without_attr("global_symbol")  # bb.add_func names it
 
 

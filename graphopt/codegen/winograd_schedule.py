@@ -1,15 +1,14 @@
 """The default CPU schedule of TOPI's Winograd convolution (graphopt.codegen.winograd), used by
-`cpu_schedules.schedule` for kernels with more than one reduction stage."""
+`cpu_schedules.schedule` for the kernels the Winograd converter tagged (`winograd.TAGS`)."""
 from __future__ import annotations
 
 import math
 
+from graphopt.codegen import winograd
 from graphopt.codegen.cpu_schedules import (Simd, _epilogue, _inline_into_last, _largest_divisor,
                                             _loops_by_iter, _plan, _schedule_reduction, _split_init,
                                             _vectorize_innermost)
 
-# TOPI's names for the transform stages.
-_WINOGRAD_STAGES = ("data_pack", "inverse")
 # Transformed weights U (bytes) below which the three stages run fused per group of tiles
 # (`_fused_bgemm`): each group then reads all of U again, and its parallel loop has only P / (tiles
 # per group) iterations. Measured on Zen 5 (1 MiB L2), 2 cores, F(4x4), against the stages run
@@ -19,7 +18,7 @@ _WINOGRAD_STAGES = ("data_pack", "inverse")
 _WINOGRAD_FUSED_WEIGHT_BYTES = 3 << 20
 
 
-def schedule_winograd(sch, blocks: list, simd: Simd) -> bool:
+def schedule_winograd(sch, blocks: list, tagged: dict, simd: Simd) -> bool:
     """TOPI's NCHW Winograd kernel: data transform, batched GEMM, inverse transform, output.
 
     The tile count P is the contiguous axis of every intermediate: the transforms are
@@ -30,19 +29,18 @@ def schedule_winograd(sch, blocks: list, simd: Simd) -> bool:
     over its own tiles, the GEMM with the reduction schedule. The output stage and its fused
     epilogue are vectorized. The transforms' tile loops are not unrolled: unrolled (as
     MetaSchedule's Winograd rules do) they took LLVM 20 s for one F(4x4) kernel and ran slower,
-    1.3 ms against 1.0 ms at 64 channels, 56x56. False when the kernel is not one of these.
+    1.3 ms against 1.0 ms at 64 channels, 56x56. `tagged` maps the stages' tags to their
+    blocks; False when it lacks a stage.
     """
-    stages = {sch.get(b).name_hint: b for b in blocks}
-    if not all(name in stages for name in _WINOGRAD_STAGES):
+    if not all(tag in tagged for tag in winograd.TAGS.values()):
         return False
-    data_pack, inverse = (stages[name] for name in _WINOGRAD_STAGES)
+    data_pack, bgemm, inverse = (tagged[winograd.TAGS[stage]] for stage in ("data_pack", "bgemm", "inverse"))
     for block in blocks:
         if not sch.get(block).reads:  # a transform matrix, computed from constants
             sch.compute_inline(block)
     input_tile = sch.get_producers(data_pack)[0]
     sch.compute_inline(sch.get_producers(input_tile)[0])  # the padding
     sch.transform_layout(input_tile, ("write", 0), lambda ci, p, eps, nu: (eps, nu, ci, p))
-    bgemm = sch.get_producers(inverse)[0]
     # Vectorized along P, the inverse transform's stores are contiguous in this layout (TOPI's
     # puts P before the 4 x 4 outputs of a tile and made every store a scatter; measured 1.45 ->
     # 1.30 ms at 64 channels, 56x56, F(4x4), one core).

@@ -5,6 +5,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir.graph import static_shape
+from graphopt.ir.ops import is_winograd_conv
 
 
 def count(shape) -> int:
@@ -26,7 +27,7 @@ def macs(node: gs.Node) -> int:
         if out is None or w is None:
             return 0
         return count(out) * count(w[1:])
-    if node.op == "WinogradConv" and node.domain == "ai.graphopt":
+    if is_winograd_conv(node):
         return _winograd_macs(node)
     if node.op == "ConvTranspose":
         x, w = _dims(node.inputs[0]), static_shape(node.inputs[1])

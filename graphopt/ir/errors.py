@@ -37,3 +37,26 @@ class VerificationError(GraphoptError):
 
 class CodegenError(GraphoptError):
     """A model, target or toolchain that TVM code generation cannot handle, or a library it cannot load."""
+
+
+class PassError(GraphoptError):
+    """A pass raised where it should not have: a bug, named with the pass and the passes before it."""
+
+    exit_code = 3
+
+    def __init__(self, name: str, before: list[str], error: BaseException):
+        after = f" (after {', '.join(before)})" if before else ""
+        super().__init__(f"pass '{name}' failed{after}: {type(error).__name__}: {error}")
+        self.pass_name, self.error = name, error
+
+
+class Refused(Exception):
+    """Raised by any matching or planning helper: this rewrite is unsafe or useless here.
+
+    Not an error: the driver (a rule walk or `LayerPass`) records the reason against the node and
+    goes on, and `--explain` prints it.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason

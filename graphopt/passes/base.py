@@ -1,23 +1,36 @@
 """The pass contract: a name, typed options, declared semantics and invariants, and `run`.
 
-A pass rewrites a `gs.Graph` in place and returns `PassResult(modified, stats)`. What it
-guarantees numerically is declared as `Semantics`, which the fidelity instrument and the test
-helper enforce: EXACT (equal up to float rounding), TOLERANCE(rtol, atol), LOSSY(metric, bound).
+A pass rewrites a `gs.Graph` in place and returns a `PassResult`: whether it changed the graph,
+its free-form `stats`, and the typed per-layer record the report, the CLI and the tests read
+(`refused`, `skipped`, `decisions`). What it guarantees numerically is declared as `Semantics`,
+which the fidelity instrument and the test helper enforce: EXACT (equal up to float rounding),
+TOLERANCE(rtol, atol), LOSSY(metric, bound).
+
+There are two ways to write a pass, by what it rewrites:
+- `RewritePass`: local pattern rules applied to a fixed point (the cleanup passes).
+- `LayerPass`: examine -> plan -> rewrite over the layers of some op types, for passes that
+  decide per layer, often from all layers at once (pruning, factorization, quantization,
+  Winograd). Any helper refuses a layer by raising `Refused(reason)`.
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.ir.errors import PipelineError
-from graphopt.pattern import Rule, apply_rules
+from graphopt.ir.errors import PipelineError, Refused
+from graphopt.pattern import Rewriter, Rule, apply_rules
+
+__all__ = ["EXACT", "LOSSY", "TOLERANCE", "Layer", "LayerFilter", "LayerOptions", "LayerPass", "NoOptions",
+           "Pass", "PassContext", "PassInfo", "PassResult", "Refusal", "Refused", "RewritePass", "Semantics",
+           "option"]
 
 
 @dataclass(frozen=True)
@@ -77,12 +90,37 @@ class PassInfo:
     requires: frozenset = frozenset()
     ensures: frozenset = frozenset()
     idempotent: bool = True
+    # The pass chooses by timing candidates on the deployment target (PassContext.latency); the
+    # CLI compiles a timer for the target only for such passes.
+    needs_latency: bool = False
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A node a pass left alone, and why (`rule`: which rule or sub-pass refused, where several may)."""
+    node: str
+    reason: str
+    rule: str = ""
+
+    def as_dict(self) -> dict:
+        return {"node": self.node, "reason": self.reason, **({"rule": self.rule} if self.rule else {})}
 
 
 @dataclass
 class PassResult:
+    """`refused`: unsafe or useless rewrites; `skipped`: layers the options left out; `decisions`:
+    per layer, what the pass did to it or chose for it (and why, for passes that measure)."""
     modified: bool
     stats: dict = field(default_factory=dict)
+    refused: list[Refusal] = field(default_factory=list)
+    skipped: list[Refusal] = field(default_factory=list)
+    decisions: dict[str, dict] = field(default_factory=dict)
+
+    def refuse(self, node: str, reason: str) -> None:
+        self.refused.append(Refusal(node, reason))
+
+    def skip(self, node: str, reason: str) -> None:
+        self.skipped.append(Refusal(node, reason))
 
 
 @dataclass
@@ -130,7 +168,156 @@ class RewritePass(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats = apply_rules(graph, self.rules)
-        return PassResult(stats.modified, stats.as_dict())
+        refused = [Refusal(node, reason, rule) for (node, rule), reason in stats.refused.items()]
+        return PassResult(stats.modified, {"applied": dict(stats.applied), "walks": stats.walks}, refused)
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002 - the name `graphopt passes NAME` prints
+    """A pass option with its help text: `tile: int = option(4, "m of F(m x m, 3x3)")`."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Options every layer pass takes: which layers it may touch."""
+    include: tuple[str, ...] = option((), "only these layers: node names or op types, shell patterns "
+                                          "(conv*, Gemm); a pattern that matches no layer is an error")
+    exclude: tuple[str, ...] = option((), "never these layers (same patterns as include)")
+
+
+@dataclass(frozen=True)
+class LayerFilter:
+    """`include` / `exclude` as fnmatch patterns over node names and op types."""
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @staticmethod
+    def matches(pattern: str, node: gs.Node) -> bool:
+        return fnmatch.fnmatchcase(node.name or "", pattern) or fnmatch.fnmatchcase(node.op, pattern)
+
+    def check(self, pass_name: str, nodes: Iterable[gs.Node]) -> None:
+        """A pattern that names none of `nodes` (the pass's candidate layers) is a typo: say so."""
+        nodes = list(nodes)
+        for key, patterns in (("include", self.include), ("exclude", self.exclude)):
+            unknown = [p for p in patterns if not any(self.matches(p, n) for n in nodes)]
+            if unknown:
+                names = ", ".join(n.name for n in nodes[:12]) + (", ..." if len(nodes) > 12 else "")
+                ops = ", ".join(sorted({n.op for n in nodes}))
+                raise PipelineError(f"{pass_name}: {key}={'|'.join(unknown)} matches no layer this pass works on "
+                                    f"(ops: {ops or 'none'}; layers: {names or 'none'})")
+
+    def skip_reason(self, node: gs.Node) -> str | None:
+        if self.include and not any(self.matches(p, node) for p in self.include):
+            return "not in include"
+        if any(self.matches(p, node) for p in self.exclude):
+            return "excluded"
+        return None
+
+
+@dataclass
+class Layer:
+    """A node a layer pass works on, and what `examine` bound for it."""
+    node: gs.Node
+    match: Any
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+
+class LayerPass(Pass):
+    """examine -> plan -> rewrite over the nodes of `ops` (default domain), with one refusal type.
+
+    - `examine(node, graph)`: pure; returns what the rewrite needs (the match), None when the node
+      is not a layer of this pass (silently), or raises `Refused(reason)`.
+    - `plan(layers, graph, ctx, result)`: decides for all accepted layers at once (a global
+      threshold, a sensitivity-spread budget, calibration); by default `plan_layer` per layer.
+      Returns (layer, plan) pairs to rewrite; a layer left out is left as it is.
+    - `plan_layer(layer, graph, ctx, result)`: one layer's plan, None to leave it, or `Refused`.
+    - `rewrite(rw, layer, plan)`: changes the graph through the rewriter; returns the layer's
+      decision (recorded in `result.decisions`) or None.
+
+    Every layer is examined and planned before any is rewritten, so matching never sees a
+    half-rewritten graph. Options derived from `LayerOptions` give `include` / `exclude`.
+    """
+
+    ops: ClassVar[tuple[str, ...]] = ()
+
+    def examine(self, node: gs.Node, graph: gs.Graph) -> Any:
+        raise NotImplementedError
+
+    def plan(self, layers: list[Layer], graph: gs.Graph, ctx: PassContext, result: PassResult) -> list[tuple[Layer, Any]]:
+        planned = []
+        for layer in layers:
+            try:
+                plan = self.plan_layer(layer, graph, ctx, result)
+            except Refused as e:
+                result.refuse(layer.name, e.reason)
+                continue
+            if plan is not None:
+                planned.append((layer, plan))
+        return planned
+
+    def plan_layer(self, layer: Layer, graph: gs.Graph, ctx: PassContext, result: PassResult) -> Any:
+        return layer.match
+
+    def rewrite(self, rw: Rewriter, layer: Layer, plan: Any) -> dict | None:
+        raise NotImplementedError
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult(False)
+        planned = self.plan(self.select(graph, result), graph, ctx, result)
+        rw = Rewriter(graph)
+        for layer, plan in planned:
+            decision = self.rewrite(rw, layer, plan)
+            if decision is not None:
+                result.decisions[layer.name] = decision
+        if rw.changes:
+            rw.commit()
+        result.modified = rw.changes > 0
+        return result
+
+    def candidates(self, graph: gs.Graph) -> list[gs.Node]:
+        """The nodes this pass looks at, in graph order."""
+        return [n for n in graph.nodes if n.op in self.ops and n.domain in ("", "ai.onnx", None)]
+
+    def layer_filter(self) -> LayerFilter:
+        o = self.options
+        return LayerFilter(o.include, o.exclude) if isinstance(o, LayerOptions) else LayerFilter()
+
+    def skip_reason(self, position: int, nodes: list[gs.Node]) -> str | None:
+        """Why options other than include/exclude leave out candidate `nodes[position]` (the
+        first or last layer, say); None to examine it."""
+        return None
+
+    def select(self, graph: gs.Graph, result: PassResult) -> list[Layer]:
+        """Examine every candidate the options let through; record refusals and skips."""
+        nodes = self.candidates(graph)
+        chosen = self.layer_filter()
+        chosen.check(self.name, nodes)
+        layers = []
+        for position, node in enumerate(nodes):
+            why = chosen.skip_reason(node) or self.skip_reason(position, nodes)
+            if why:
+                result.skip(node.name, why)
+                continue
+            try:
+                match = self.examine(node, graph)
+            except Refused as e:
+                result.refuse(node.name, e.reason)
+                continue
+            if match is not None:
+                layers.append(Layer(node, match))
+        return layers
+
+
+def option_help(cls: type) -> list[tuple[str, Any, str]]:
+    """(name, default, help) of each option of an options dataclass, for `graphopt passes NAME`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rows.append((f.name, default, f.metadata.get("help", "")))
+    return rows
 
 
 def make_options(pass_name: str, cls: type, values: dict[str, Any]):

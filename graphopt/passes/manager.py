@@ -2,7 +2,9 @@
 
 Instruments see each pass before and after it runs. `VerifyInstrument` checks onnx.checker,
 the named invariants and the graph's interface; `FidelityInstrument` runs the model in
-onnxruntime and holds EXACT and TOLERANCE passes to their declared bounds.
+onnxruntime and holds EXACT and TOLERANCE passes to their declared bounds. An exception that is
+not a GraphoptError escaping a pass is a bug: it is wrapped in a `PassError` naming the pass and
+the passes before it.
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import fidelity, ort, verify
-from graphopt.ir.errors import VerificationError
+from graphopt.ir.errors import GraphoptError, PassError, VerificationError
 from graphopt.ir.graph import opset
-from graphopt.passes.base import Pass, PassContext, PassResult
+from graphopt.passes.base import Pass, PassContext, PassResult, Refusal
 
 
 @dataclass
@@ -24,10 +26,24 @@ class PassRecord:
     modified: bool
     seconds: float
     stats: dict = field(default_factory=dict)
+    refused: list[Refusal] = field(default_factory=list)
+    skipped: list[Refusal] = field(default_factory=list)
+    decisions: dict[str, dict] = field(default_factory=dict)
     fidelity: dict | None = None
 
+    @classmethod
+    def of(cls, name: str, result: PassResult, seconds: float) -> "PassRecord":
+        return cls(name, result.modified, seconds, result.stats, result.refused, result.skipped, result.decisions)
+
+    @property
+    def result(self) -> PassResult:
+        return PassResult(self.modified, self.stats, self.refused, self.skipped, self.decisions)
+
     def as_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        out["refused"] = [r.as_dict() for r in self.refused]
+        out["skipped"] = [r.as_dict() for r in self.skipped]
+        return out
 
 
 class Instrument:
@@ -87,8 +103,13 @@ class PassManager:
             for inst in instruments:
                 inst.before_pass(pass_, graph, i, len(self.passes))
             start = time.perf_counter()
-            result = self._run_one(pass_, graph, ctx)
-            record = PassRecord(pass_.name, result.modified, time.perf_counter() - start, result.stats)
+            try:
+                result = self._run_one(pass_, graph, ctx)
+            except (GraphoptError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # noqa: BLE001 - a bug in the pass: name it
+                raise PassError(pass_.name, [p.name for p in self.passes[:i]], e) from e
+            record = PassRecord.of(pass_.name, result, time.perf_counter() - start)
             for inst in instruments:
                 inst.after_pass(pass_, graph, record)
             records.append(record)
@@ -99,7 +120,7 @@ class PassManager:
         low, high = pass_.info.opset
         version = opset(graph)
         if not low <= version <= high:
-            return PassResult(False, {"skipped": f"opset {version} outside the pass's range {low}..{high}"})
+            return PassResult(False, skipped=[Refusal("", f"opset {version} outside the pass's range {low}..{high}")])
         for name in sorted(pass_.info.requires):
             establish = verify.INVARIANTS[name].establish
             if establish:

@@ -7,13 +7,15 @@ from typing import Callable
 
 import onnx_graphsurgeon as gs
 
+from graphopt.ir.errors import Refused
 from graphopt.pattern.pattern import MatchResult
 from graphopt.pattern.rewriter import Rewriter
 
 
 @dataclass(frozen=True)
 class Rule:
-    """`match` is pure and says why it refuses; `rewrite` changes the graph through the rewriter."""
+    """`match` is pure and raises `Refused(reason)` to say why it will not rewrite a structural
+    match; `rewrite` changes the graph through the rewriter."""
     name: str
     ops: tuple[str, ...]
     match: Callable[[gs.Node, gs.Graph], MatchResult]
@@ -29,10 +31,6 @@ class RewriteStats:
     @property
     def modified(self) -> bool:
         return sum(self.applied.values()) > 0
-
-    def as_dict(self) -> dict:
-        return {"applied": dict(self.applied), "walks": self.walks,
-                "refused": [{"node": n, "rule": r, "reason": why} for (n, r), why in self.refused.items()]}
 
 
 def apply_rules(graph: gs.Graph, rules: tuple[Rule, ...], fixed_point: bool = True,
@@ -60,14 +58,16 @@ def _walk(graph: gs.Graph, by_op: dict, rewriter: Rewriter, stats: RewriteStats)
         if not node.outputs or node.domain not in ("", "ai.onnx", None):
             continue  # detached by an earlier rewrite in this walk, or not an ONNX op
         for rule in by_op.get(node.op, ()):
-            result = rule.match(node, graph)
             key = (node.name, rule.name)
+            try:
+                result = rule.match(node, graph)
+            except Refused as e:
+                stats.refused[key] = e.reason
+                continue
             if result:
                 stats.refused.pop(key, None)
                 rule.rewrite(rewriter, node, result)
                 stats.applied[rule.name] += 1
                 applied += 1
                 break
-            if result.reason:
-                stats.refused[key] = result.reason
     return applied

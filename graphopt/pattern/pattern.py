@@ -5,8 +5,8 @@
 
 matches a BatchNormalization whose first input comes from a Conv or ConvTranspose used by
 nothing else and whose other inputs are constants. A match binds names to nodes (`Op`) or to
-constant tensors (`Const`). A match that holds structurally but fails a rule's check returns
-`MatchResult.fail(reason)`, which is reported; a structural mismatch is silent.
+constant tensors (`Const`). A match that holds structurally but fails a rule's check raises
+`Refused(reason)` (graphopt.ir.errors), which the driver records; a structural mismatch is silent.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from graphopt.ir.graph import producer
 @dataclass(frozen=True)
 class MatchResult:
     matched: bool
-    reason: str = ""
     bound: dict = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -31,16 +30,11 @@ class MatchResult:
 
     @classmethod
     def ok(cls, **bound) -> "MatchResult":
-        return cls(True, "", bound)
-
-    @classmethod
-    def fail(cls, reason: str) -> "MatchResult":
-        """A refusal worth telling the user: the structure matched but rewriting is unsafe or useless."""
-        return cls(False, reason)
+        return cls(True, bound)
 
     @classmethod
     def no_match(cls) -> "MatchResult":
-        return cls(False, "")
+        return cls(False)
 
 
 class Pattern:

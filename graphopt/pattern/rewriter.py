@@ -3,27 +3,27 @@
 New nodes are appended and the graph is re-sorted on `commit`, so a rewrite can build its
 replacement in any order. Graph outputs keep their names: replacing an output tensor renames
 the replacement, and a replacement that would make an output alias an input or a constant is
-refused by `replacement_refusal` before anything changes.
+refused by `check_replacement` before anything changes.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.ir.errors import Refused
 from graphopt.ir.graph import constant_values, is_graph_input, is_graph_output, unique_name
 
 
-def replacement_refusal(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> str | None:
-    """Why `old` cannot be replaced by `new` everywhere, or None if it can. Pure."""
+def check_replacement(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Raise `Refused` if `old` cannot be replaced by `new` everywhere. Pure."""
     if not is_graph_output(graph, old):
-        return None
+        return
     if isinstance(new, gs.Constant):
-        return f"graph output '{old.name}' would become a constant"
+        raise Refused(f"graph output '{old.name}' would become a constant")
     if is_graph_input(graph, new):
-        return f"graph output '{old.name}' would alias graph input '{new.name}'"
+        raise Refused(f"graph output '{old.name}' would alias graph input '{new.name}'")
     if is_graph_output(graph, new):
-        return f"graph output '{old.name}' would alias graph output '{new.name}'"
-    return None
+        raise Refused(f"graph output '{old.name}' would alias graph output '{new.name}'")
 
 
 class Rewriter:
@@ -72,9 +72,10 @@ class Rewriter:
 
     def replace_uses(self, old: gs.Tensor, new: gs.Tensor) -> None:
         """Every reader of `old` reads `new`; a graph output keeps its name."""
-        reason = replacement_refusal(self.graph, old, new)
-        if reason:
-            raise ValueError(f"refused replacement: {reason}")
+        try:
+            check_replacement(self.graph, old, new)
+        except Refused as e:  # a rule that rewrites without having checked: a bug
+            raise ValueError(f"refused replacement: {e.reason}") from None
         for consumer in list(old.outputs):
             for i, t in enumerate(consumer.inputs):
                 if t is old:

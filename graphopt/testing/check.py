@@ -1,8 +1,9 @@
 """`check_pass`: the one helper every pass test uses.
 
-onnx.checker before and after; onnxruntime (graph optimisations off) on the original and the
-rewritten model for several input seeds; outputs compared by the pass's declared semantics; the
-pass run a second time to check idempotence. Returns the rewritten graph and the first run's
+onnx.checker before and after; strict ONNX shape inference on the rewritten model, which must
+agree with every shape the rewrite declared; onnxruntime (graph optimisations off) on the original
+and the rewritten model for several input seeds; outputs compared by the pass's declared
+semantics; the pass run a second time to check idempotence. Returns the rewritten graph and the first run's
 result so the test can assert what matched.
 """
 from __future__ import annotations
@@ -38,9 +39,10 @@ def check_pass(model: onnx.ModelProto | gs.Graph, pass_: Pass, inputs: list[dict
     references = [ort.run(original, f) for f in feeds_list]
 
     record = PassManager([pass_], verify=True).run(graph, PassContext(seed=seeds[0]))[0]
-    result = PassResult(record.modified, record.stats)
+    result = record.result
     rewritten = export(graph)
     onnx.checker.check_model(rewritten)
+    check_declared_shapes(rewritten)
     if expect_modified is not None:
         assert result.modified == expect_modified, f"{pass_!r} modified={result.modified}: {result.stats}"
 
@@ -61,17 +63,25 @@ def check_pass(model: onnx.ModelProto | gs.Graph, pass_: Pass, inputs: list[dict
     return graph, result, worst
 
 
+def check_declared_shapes(model: onnx.ModelProto) -> None:
+    """Strict shape inference must agree with every shape the model declares.
+
+    onnxruntime re-infers shapes and runs a model whose declared shapes are wrong, but the cost
+    model (MACs) and later passes read the declared ones.
+    """
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as e:
+        raise AssertionError(f"declared shapes disagree with ONNX shape inference: {e}") from None
+
+
 def ops(graph: gs.Graph) -> list[str]:
     return [n.op for n in graph.nodes]
 
 
-def refusals(stats: dict) -> list[str]:
-    """All refusal reasons in a pass's stats, nested stats included."""
-    found = [r["reason"] for r in stats.get("refused", [])]
-    for value in stats.values():
-        if isinstance(value, dict):
-            found += refusals(value)
-    return found
+def refusals(result: PassResult) -> list[str]:
+    """All refusal reasons of a pass run."""
+    return [r.reason for r in result.refused]
 
 
 def rng_array(shape, seed: int = 0, dtype=np.float32) -> np.ndarray:

@@ -58,6 +58,18 @@ def test_library_for_another_cpu_is_refused(tmp_path):
         codegen.load(result.library)
 
 
+def test_library_of_a_device_kind_without_a_backend_is_refused(tmp_path, lib):
+    import json
+
+    copy = tmp_path / lib.library.name
+    copy.write_bytes(lib.library.read_bytes())
+    described = json.loads((lib.library.parent / "manifest.json").read_text())
+    described["libraries"][lib.library.name]["device"] = "metal"
+    (tmp_path / "manifest.json").write_text(json.dumps(described))
+    with pytest.raises(CodegenError, match="names device 'metal'"):
+        codegen.load(copy)
+
+
 def test_library_without_manifest(tmp_path, lib):
     copy = tmp_path / lib.library.name
     copy.write_bytes(lib.library.read_bytes())

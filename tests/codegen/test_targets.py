@@ -60,3 +60,31 @@ def test_missing_cross_linker_says_how_to_install(monkeypatch):
 def test_cross_linker_prefers_debian_gcc(monkeypatch):
     monkeypatch.setattr(targets.shutil, "which", lambda name: f"/usr/bin/{name}")
     assert fcompile(resolve("arm")).command == ["aarch64-linux-gnu-g++"]
+
+
+def test_names_and_help_come_from_the_table():
+    assert targets.NAMES == tuple(targets.TARGETS)
+    help_text = targets.describe()
+    for name, row in targets.TARGETS.items():
+        assert f"{name} ({row.summary})" in help_text
+    assert "JSON" in help_text
+
+
+def test_a_new_cpu_variant_is_one_table_row(monkeypatch):
+    spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+i8mm"]}
+    monkeypatch.setitem(targets.TARGETS, "arm-i8mm", targets.NamedTarget(targets._cpu(spec), "aarch64 with i8mm"))
+    target = resolve("arm-i8mm")
+    assert (target.name, target.tvm, target.device, target.host) == ("arm-i8mm", spec, "cpu", None)
+    assert target.cross is not None
+    assert "arm-i8mm (aarch64 with i8mm)" in targets.describe()
+    with pytest.raises(CodegenError, match="only to the cuda target"):
+        resolve("arm-i8mm", cuda_arch="sm_80")
+    with pytest.raises(CodegenError, match="unknown target 'riscv'.*arm-i8mm"):
+        resolve("riscv")
+
+
+def test_json_cuda_target_gets_generic_x86_host_code():
+    target = resolve('{"kind": "cuda", "arch": "sm_90"}')
+    assert (target.device, target.host) == ("cuda", targets.GENERIC_X86)
+    with pytest.raises(CodegenError, match="only to the cuda target"):
+        resolve('{"kind": "cuda", "arch": "sm_90"}', cuda_arch="sm_90")

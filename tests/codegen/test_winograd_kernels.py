@@ -8,11 +8,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import codegen
-from graphopt.codegen import build, measure, targets, tune, winograd
-from graphopt.ir import ort
+from graphopt.codegen import build, cpu_schedules, measure, targets, tune, winograd
+from graphopt.ir import ops, ort
 from graphopt.ir.errors import CodegenError
 
-DOMAIN = "ai.graphopt"
 # Max abs error against onnxruntime's direct conv, 32 channels, N(0, 1) inputs, He-scaled weights
 # (outputs up to ~7): measured 2.9e-6 (F2), 1.1e-5 (F4), 4.7e-5 (F6); bounds about 7x that.
 BOUNDS = {2: 2e-5, 4: 1e-4, 6: 5e-4}
@@ -39,17 +38,18 @@ def _model(layers: list[tuple], x_shape: tuple, seed: int = 0) -> onnx.ModelProt
         if tile is None:
             conv = helper.make_node("Conv", [x, *names], [f"c{i}"], kernel_shape=[3, 3], pads=list(pads))
         else:
-            conv = helper.make_node("WinogradConv", [x, *names], [f"c{i}"], domain=DOMAIN, pads=list(pads), tile=tile)
+            conv = helper.make_node(ops.WINOGRAD_CONV, [x, *names], [f"c{i}"], domain=ops.DOMAIN,
+                                    pads=list(pads), tile=tile)
         nodes += [conv, helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
         x, channels = f"r{i}", filters
     body = helper.make_node("Conv", ["X", "W", "B"], ["Y"], kernel_shape=[3, 3])
     body.attribute.append(helper.make_attribute_ref("pads", onnx.AttributeProto.INTS))
-    function = helper.make_function(DOMAIN, "WinogradConv", ["X", "W", "B"], ["Y"], [body],
+    function = helper.make_function(ops.DOMAIN, ops.WINOGRAD_CONV, ["X", "W", "B"], ["Y"], [body],
                                     [helper.make_opsetid("", 17)], attributes=["pads", "tile"])
     graph = helper.make_graph(nodes, "winograd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], initializer=inits)
     model = helper.make_model(graph, functions=[function],
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)])
     model.ir_version = 8
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)
@@ -94,6 +94,37 @@ def test_bad_marker_is_refused():
     model = _model([(8, (1, 1, 1, 1), True, 3)], (1, 8, 8, 8))
     with pytest.raises(CodegenError, match="tile must be one of"):
         build.to_relax(model)
+
+
+def test_marker_of_another_domain_is_not_graphopts(tmp_path):
+    model = _model([(8, (1, 1, 1, 1), True, 4)], (1, 8, 8, 8))
+    model.graph.node[0].domain = "com.example"
+    with pytest.raises(CodegenError, match=rf"cannot convert node .*\({ops.WINOGRAD_CONV}\)"):
+        build.check_supported(model)
+
+
+def _blocks(kernel) -> tuple:
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(kernel)
+    return sch, sch.get_child_blocks(sch.get_sblock(kernel.body.block.name_hint))
+
+
+def test_stages_are_tagged_at_conversion_and_scheduled_by_their_tags():
+    model = _model([(16, (1, 1, 1, 1), True, 4)], (1, 16, 12, 12))
+    lowered = build.lower_for_tuning(build.to_relax(model), targets.resolve("x86-64"))
+    (kernel,) = [f for g, f in lowered.functions.items() if "winograd" in g.name_hint]
+    # The tags survive fusing the bias and the Relu into the kernel.
+    sch, blocks = _blocks(kernel)
+    tags = {sch.get(b).name_hint: sch.get(b).annotations.get(cpu_schedules.KERNEL_TAG) for b in blocks}
+    assert {name: tag for name, tag in tags.items() if tag is not None} == winograd.TAGS
+    simd = cpu_schedules.Simd(lanes=4, registers=16)
+    assert cpu_schedules.schedule(kernel, simd) is not None
+    # Untagged, the same loop nest is a kernel of several reductions, which nothing schedules.
+    for block in blocks:
+        if cpu_schedules.KERNEL_TAG in sch.get(block).annotations:
+            sch.unannotate(block, cpu_schedules.KERNEL_TAG)
+    assert cpu_schedules.schedule(sch.mod["main"], simd) is None
 
 
 def test_tuning_records_winograd_and_applies(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 
 from graphopt.ir import ort
 from graphopt.ir.data import input_specs, random_feeds
-from graphopt.ir.errors import VerificationError
+from graphopt.ir.errors import PassError, PipelineError, VerificationError
 from graphopt.passes.base import LOSSY, TOLERANCE, Pass, PassInfo, PassResult
 from graphopt.passes.cleanup.eliminate_dead import EliminateDead
 from graphopt.passes.manager import FidelityInstrument, PassManager
@@ -95,4 +95,31 @@ def test_scaled_tolerance_grows_with_the_output():
 
 
 def test_verification_off_lets_it_through():
-    PassManager([Unsort()], verify=False).run(small())
+    graph = small()
+    records = PassManager([Unsort()], verify=False).run(graph)
+    assert records[0].modified
+    assert [n.op for n in graph.nodes] == ["Relu", "MatMul"]  # left unsorted: nothing checked it
+
+
+class Crashes(Pass):
+    name = "crashes"
+
+    def run(self, graph, ctx):
+        return [][0]
+
+
+def test_an_exception_escaping_a_pass_names_the_pass_and_those_before():
+    with pytest.raises(PassError, match=r"pass 'crashes' failed \(after eliminate-dead\): IndexError") as e:
+        PassManager([EliminateDead(), Crashes()]).run(small())
+    assert e.value.exit_code == 3 and isinstance(e.value.error, IndexError)
+
+
+def test_user_errors_from_a_pass_are_not_wrapped():
+    class Complains(Pass):
+        name = "complains"
+
+        def run(self, graph, ctx):
+            raise PipelineError("complains: bad option")
+
+    with pytest.raises(PipelineError, match="^complains: bad option$"):
+        PassManager([Complains()]).run(small())

@@ -1,8 +1,9 @@
 """eliminate-dead: remove nodes that no graph output depends on, and constants no node reads.
 
-Matches: every node and initializer unreachable from the graph outputs. Graph inputs are never
-removed (they are the model's interface).
-Guarantees: EXACT (only unused work is removed).
+Matches: every node and initializer unreachable from the graph outputs.
+Rewrites: removes them. Graph inputs are never removed (they are the model's interface).
+Refuses: nothing.
+Guarantees: EXACT (only unused work is removed); idempotent.
 Verified by: tests/passes/cleanup/test_eliminate_dead.py against onnxruntime.
 """
 from __future__ import annotations

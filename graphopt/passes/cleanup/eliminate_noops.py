@@ -2,11 +2,12 @@
 
 Matches: Identity; Dropout in inference (no training_mode or a constant false one, mask unused);
 Cast to the input's own type; Reshape, Flatten, Squeeze, Unsqueeze and Expand whose static output
-shape equals the input's; Transpose with the identity permutation; Pad with all-zero pads. Also
-composes Transpose-of-Transpose and Reshape-of-Reshape into one node.
-Refuses (in stats) when removal would make a graph output alias a graph input, a constant or
-another output.
-Guarantees: EXACT (no arithmetic changes).
+shape equals the input's; Transpose with the identity permutation; Pad with all-zero pads;
+Transpose-of-Transpose and Reshape-of-Reshape.
+Rewrites: readers of the no-op read its input; the pairs become one node.
+Refuses: a removal that would make a graph output alias a graph input, a constant or another
+output.
+Guarantees: EXACT (no arithmetic changes); idempotent.
 Verified by: tests/passes/cleanup/test_eliminate_noops.py against onnxruntime.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import onnx_graphsurgeon as gs
 from graphopt.ir.graph import const_value, is_graph_output, np_dtype, static_shape
 from graphopt.ir.verify import SHAPES_INFERRED
 from graphopt.passes.base import EXACT, PassInfo, RewritePass
-from graphopt.pattern import Any, Const, MatchResult, Op, Rewriter, Rule, replacement_refusal
+from graphopt.pattern import Any, Const, MatchResult, Op, Rewriter, Rule, check_replacement
 
 SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand")
 
@@ -26,8 +27,8 @@ def _passthrough(node: gs.Node, graph: gs.Graph) -> MatchResult:
     """The node is a no-op: its output can be replaced by its first input, unless that is refused."""
     if any(not t.is_empty() and (t.outputs or is_graph_output(graph, t)) for t in node.outputs[1:]):
         return MatchResult.no_match()  # a second output (Dropout's mask) is in use
-    why = replacement_refusal(graph, node.outputs[0], node.inputs[0])
-    return MatchResult.fail(why) if why else MatchResult.ok()
+    check_replacement(graph, node.outputs[0], node.inputs[0])
+    return MatchResult.ok()
 
 
 def match_identity(node, graph):

@@ -3,10 +3,12 @@ MatMul that feeds it.
 
 Matches: BatchNormalization (inference: one output, training_mode 0) with constant parameters,
 whose input comes from one of those ops with a constant weight (and constant bias, if any).
-Refuses, with the reason in stats, when the weight or bias is shared with another node, when the
-producer's output has other readers or is a graph output, or when the channel axis of the
-BatchNormalization is not the producer's output-channel axis (MatMul of rank other than 2).
-Guarantees: EXACT (y = s*(Wx + b - mean) + beta with s = gamma/sqrt(var+eps), folded in float64).
+Rewrites: W' = s W and b' = s (b - mean) + beta with s = gamma / sqrt(var + eps) on the
+producer's output-channel axis, computed in float64; the BatchNormalization is removed.
+Refuses: a weight or bias shared with another node, a producer whose output has other readers or
+is a graph output, a channel axis that is not the producer's output-channel axis (MatMul of rank
+other than 2), training mode.
+Guarantees: EXACT; idempotent.
 Verified by: tests/passes/cleanup/test_fold_batchnorm.py against onnxruntime.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir.graph import is_graph_output
 from graphopt.ir.verify import SHAPES_INFERRED
-from graphopt.passes.base import EXACT, PassInfo, RewritePass
+from graphopt.passes.base import EXACT, PassInfo, Refused, RewritePass
 from graphopt.pattern import Const, MatchResult, Op, Rewriter, Rule
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -31,20 +33,22 @@ def match(node: gs.Node, graph: gs.Graph) -> MatchResult:
     op, bn = m["op"], m["bn"]
     out = op.outputs[0]
     if len(out.outputs) > 1 or is_graph_output(graph, out):
-        return MatchResult.fail(f"output of {op.op} '{op.name}' is also read elsewhere")
+        raise Refused(f"output of {op.op} '{op.name}' is also read elsewhere")
     if bn.attrs.get("training_mode", 0) or len([t for t in bn.outputs if not t.is_empty()]) > 1:
-        return MatchResult.fail("BatchNormalization is in training mode")
+        raise Refused("BatchNormalization is in training mode")
     weight_index = 1
     if len(op.inputs) <= weight_index or not isinstance(op.inputs[weight_index], gs.Constant):
-        return MatchResult.fail(f"{op.op} '{op.name}' has no constant weight")
+        raise Refused(f"{op.op} '{op.name}' has no constant weight")
     for t in op.inputs[1:]:
         if isinstance(t, gs.Variable) and not t.is_empty():
-            return MatchResult.fail(f"{op.op} '{op.name}' has a non-constant input '{t.name}'")
+            raise Refused(f"{op.op} '{op.name}' has a non-constant input '{t.name}'")
         if len(t.outputs) > 1:
-            return MatchResult.fail(f"weight '{t.name}' is shared with another node")
+            raise Refused(f"weight '{t.name}' is shared with another node")
     channels = m["gamma"].values.size
     why = _channel_problem(op, channels)
-    return MatchResult.fail(why) if why else m
+    if why:
+        raise Refused(why)
+    return m
 
 
 def _channel_problem(op: gs.Node, channels: int) -> str | None:

@@ -1,11 +1,13 @@
 """fold-constants: evaluate nodes whose inputs are all constants, once, at compile time.
 
 Matches: nodes of the default domain whose inputs are constants (or folded in this pass), and
-`Shape`/`Size` of tensors whose shape is static. Never folds QuantizeLinear/DequantizeLinear
-(weights behind Q/DQ stay quantized; turning them into int8 initializers is fold-qdq's job),
-random ops, or nodes with subgraphs; refuses results that would grow the model by more than
-`max_growth_bytes`, and outputs that are graph outputs.
-Guarantees: EXACT; values are computed by onnxruntime with graph optimisations off.
+`Shape` (with start/end) / `Size` of tensors whose shape is static.
+Rewrites: each such node's outputs become initializers, computed by onnxruntime with graph
+optimisations off.
+Refuses: results that would grow the model by more than `max_growth_bytes`, outputs that are
+graph outputs, nodes onnxruntime cannot evaluate. Never folds QuantizeLinear/DequantizeLinear
+(turning quantized weights into int8 initializers is fold-qdq's job), random ops, or subgraphs.
+Guarantees: EXACT; idempotent.
 Verified by: tests/passes/cleanup/test_fold_constants.py against onnxruntime.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import ort
 from graphopt.ir.graph import constant_nbytes, export, is_graph_output, static_shape
 from graphopt.ir.verify import SHAPES_INFERRED, TOPOSORTED
-from graphopt.passes.base import EXACT, Pass, PassContext, PassInfo, PassResult
+from graphopt.passes.base import EXACT, Pass, PassContext, PassInfo, PassResult, Refusal, option
 from graphopt.pattern import Rewriter
 
 NEVER_FOLD = frozenset({
@@ -32,8 +34,8 @@ GENERATORS = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize", 
 
 @dataclass(frozen=True)
 class Options:
-    max_growth_bytes: int = 1 << 20
-    max_rounds: int = 16
+    max_growth_bytes: int = option(1 << 20, "refuse a fold whose results are this many bytes larger than its inputs")
+    max_rounds: int = option(16, "at most this many rounds of folding")
 
 
 class FoldConstants(Pass):
@@ -50,8 +52,7 @@ class FoldConstants(Pass):
             if not count:
                 break
             folded += count
-        stats = {"folded": folded, "refused": [{"node": n, "reason": r} for n, r in refused.items()]}
-        return PassResult(folded > 0, stats)
+        return PassResult(folded > 0, {"folded": folded}, [Refusal(n, r) for n, r in refused.items()])
 
     def _fold_round(self, graph: gs.Graph, rewriter: Rewriter, refused: dict) -> int:
         candidates = [n for n in graph.nodes if _foldable(n, graph, refused)]

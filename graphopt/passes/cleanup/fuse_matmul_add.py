@@ -2,8 +2,9 @@
 
 Matches: Add whose one input is a MatMul read by nothing else, with a constant 2-D B, and whose
 other input is a constant C that broadcasts one way to the (M, N) product.
-Refuses (in stats) when A is not of rank 2, since Gemm takes matrices only.
-Guarantees: EXACT (Gemm computes the same sum of products plus C).
+Rewrites: the pair becomes one Gemm.
+Refuses: A not of rank 2 (Gemm takes matrices only); a C that does not broadcast one way.
+Guarantees: EXACT (Gemm computes the same sum of products plus C); idempotent.
 Verified by: tests/passes/cleanup/test_fuse_matmul_add.py against onnxruntime.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from graphopt.ir.verify import SHAPES_INFERRED
-from graphopt.passes.base import EXACT, PassInfo, RewritePass
+from graphopt.passes.base import EXACT, PassInfo, Refused, RewritePass
 from graphopt.pattern import Any, Const, MatchResult, Op, Rewriter, Rule
 
 MATMUL = Op("MatMul", Any("a"), Const("b"), name="mm")
@@ -27,12 +28,12 @@ def match(node: gs.Node, graph: gs.Graph) -> MatchResult:
         return MatchResult.no_match()
     if a.shape is None or len(a.shape) != 2:
         rank = "unknown" if a.shape is None else len(a.shape)
-        return MatchResult.fail(f"MatMul '{m['mm'].name}' input has rank {rank}; Gemm needs rank 2")
+        raise Refused(f"MatMul '{m['mm'].name}' input has rank {rank}; Gemm needs rank 2")
     n = b.shape[1]
     m_dim = a.shape[0]
     c_dims = (1,) * (2 - c.ndim) + c.shape if c.ndim <= 2 else None
     if c_dims is None or c_dims[1] not in (1, n) or (c_dims[0] != 1 and c_dims[0] != m_dim):
-        return MatchResult.fail(f"bias of shape {c.shape} does not broadcast one way to (M, {n})")
+        raise Refused(f"bias of shape {c.shape} does not broadcast one way to (M, {n})")
     if c.dtype != b.dtype:
         return MatchResult.no_match()
     return m

@@ -1,74 +1,55 @@
 """winograd: 3x3 stride-1 convolutions as Winograd minimal filtering F(m x m, 3 x 3) (Lavin &
 Gray 2016), in standard ONNX ops, or marked for graphopt's TVM codegen.
 
-Matches: 2-D Conv with a 3x3 float32 constant weight, stride 1, dilation 1, group 1, a constant
-bias or none, static channels and spatial dims (the batch may be symbolic); `include` / `exclude`
-pick convs by node name.
-Rewrites (emit="onnx"), m = `tile`, alpha = m + 2: the weight becomes U = G g G^T [alpha^2, K, C]
-(alpha^2 / 9 times the parameters); Reshape [N*C, 1, H, W] -> Conv with the fixed B^T d B kernel
-[alpha^2, 1, alpha, alpha] at stride m, padded as the conv plus bottom/right to whole tiles ->
-Reshape, Transpose [N, alpha^2, C, tiles] -> MatMul with U (the channel sums, batched over the
-alpha^2 points) -> Transpose, Reshape [N*K, alpha^2, tiles_h, tiles_w] -> ConvTranspose with the
-A^T M A kernel [alpha^2, 1, m, m] at stride m -> Reshape to NCHW -> Slice where m does not divide
-the output -> Add bias. emit="tvm" replaces the conv by `ai.graphopt::WinogradConv` (same inputs
-and outputs; attributes pads and tile), a model-local function whose body is the 3x3 Conv, so the
-model stays valid ONNX that onnxruntime runs unchanged and the codegen lowers to Winograd.
-select="measure" times the conv alone, direct and as each variant (`ctx.latency`, else onnxruntime
-here), and keeps the fastest variant whose error on N(0, 1) inputs is within its bound, or the
-direct conv; stats record the timings, errors and why (with emit="tvm" and no `ctx.latency` there
-is nothing to time, and every conv is marked with `tile`). In onnxruntime the rewrite is 0.65x to
-1.1x as fast as its direct conv (64 and 128 channels, F(4x4)); the TVM lowering is the fast path.
-Run it after pruning and quantization: those would take the transform kernels for weights.
-Refuses, with the reason in stats: stride != 1, a kernel other than 3x3, dilation != 1, groups,
-dynamic channels or spatial dims, a weight that is not a constant, is shared or is a graph output,
-a bias computed at run time, and types other than float32.
-Guarantees: TOLERANCE(rtol, atol x max(1, max|y|)) per variant (`BOUNDS`; an instance declares its tile's, the class
-the loosest): F(2x2) 1e-4, F(4x4) 3e-4, F(6x6) 1e-3, 5-10x the worst error measured. Max abs error
-against onnxruntime's direct conv, 64 -> 64 channels, 30x30, N(0, 1) inputs, He-scaled weights
-(|y| <= 6.7): F(2x2) 2.9e-6, F(4x4) 1.5e-5, F(6x6) 7.2e-5 (4e-7, 2e-6, 1e-5 of max |y|; the direct
-conv itself is 2.8e-6 off float64). Digits CNN logits, test set (|logits| <= 19): 3.8e-6, 9.5e-6,
-2.3e-5, accuracy unchanged for every variant; N(0, 1) inputs (|logits| <= 38): 1.8e-5, 3.8e-5,
-1.0e-4. Idempotent: no matched conv is left (select="measure" is not: it times afresh).
-Verified by: tests/passes/conv/test_winograd.py against onnxruntime.
+Matches: 2-D Conv, 3x3 float32 constant weight, stride 1, dilation 1, group 1, constant bias or
+none, static channels and spatial dims (the batch may be symbolic).
+Rewrites: emit="onnx": weight to U = G g G^T, input transform as a fixed-kernel Conv (keeping the
+conv's name), MatMul over the alpha^2 points, output transform as a ConvTranspose, crop, bias.
+emit="tvm": the conv becomes ir.ops' WinogradConv marker (its body is the plain conv). With
+select="measure", per conv the fastest of direct and each variant within its bound (`ctx.latency`,
+else onnxruntime); decisions record timings, errors and why. Run it after pruning and quantization.
+Refuses: stride, kernel, dilation or group other than above, dynamic channels or spatial dims, a
+weight not constant, shared or a graph output, a bias computed at run time, types other than float32.
+Guarantees: TOLERANCE(rtol, atol x max(1, max|y|)) of its tile (`BOUNDS`: F(2x2) 1e-4, F(4x4) 3e-4,
+F(6x6) 1e-3, 5-10x the worst measured); idempotent, except select="measure" (it times afresh).
+Verified by: tests/passes/conv/test_winograd.py against onnxruntime; measured errors and speed in
+docs/passes/winograd.md.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import ort
-from graphopt.ir.errors import PipelineError
-from graphopt.ir.graph import export, np_dtype, opset
+from graphopt.ir.errors import PipelineError, Refused
+from graphopt.ir.graph import export, np_dtype, opset, producer
+from graphopt.ir.ops import DOMAIN, WINOGRAD_CONV, declare, is_winograd_conv, winograd_attrs, winograd_function
 from graphopt.ir.verify import SHAPES_INFERRED, TOPOSORTED
-from graphopt.passes.base import TOLERANCE, Pass, PassContext, PassInfo, PassResult, Semantics
+from graphopt.passes.base import (TOLERANCE, Layer, LayerOptions, LayerPass, PassContext, PassInfo, PassResult,
+                                  Semantics, option)
 from graphopt.passes.conv import winograd_transforms as wt
-from graphopt.passes.weights import weight_refusal
-from graphopt.pattern import MatchResult, Rewriter
+from graphopt.passes.weights import check_weight
+from graphopt.pattern import Rewriter
 
-DOMAIN = "ai.graphopt"
-MARKER = "WinogradConv"
 DIRECT = "direct"
 # Error allowed per element: atol x max(1, max |reference|) + rtol x |reference|, 5-10x the worst
-# error measured (the digits CNN on N(0, 1) inputs, logits up to 38; see the docstring). atol scales
-# with the output's magnitude because Winograd's rounding error does.
+# error measured (the digits CNN on N(0, 1) inputs, logits up to 38; docs/passes/winograd.md). atol
+# scales with the output's magnitude because Winograd's rounding error does.
 BOUNDS: dict[int, Semantics] = {2: TOLERANCE(1e-4, 1e-4, scaled=True), 4: TOLERANCE(3e-4, 3e-4, scaled=True),
                                 6: TOLERANCE(1e-3, 1e-3, scaled=True)}
+# What `plan` picks for a conv: the tile, and what was measured to choose it (empty when not timed).
+Choice = tuple[int, dict]
 
 
 @dataclass(frozen=True)
-class Options:
-    """`tile` m of F(m x m, 3x3); `select` "all" (every matched conv with `tile`) or "measure"
-    (per conv, the fastest of direct and each variant within its bound); `emit` "onnx" (the
-    rewrite) or "tvm" (mark for the TVM codegen); `include` / `exclude` by node name."""
-    tile: int = 4
-    select: str = "all"
-    emit: str = "onnx"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
+class Options(LayerOptions):
+    tile: int = option(4, f"m of F(m x m, 3x3), one of {', '.join(map(str, wt.TILES))}")
+    select: str = option("all", "'all' (every matched conv with `tile`) or 'measure' (per conv, the fastest of "
+                                "direct and each variant within its bound, timed on the target)")
+    emit: str = option("onnx", "'onnx' (the rewrite in standard ops) or 'tvm' (mark for graphopt's TVM codegen)")
 
     def __post_init__(self):
         if self.tile not in wt.TILES:
@@ -80,8 +61,8 @@ class Options:
 
 
 @dataclass(frozen=True)
-class Layer:
-    """What a match binds: the conv's operands and static sizes; pads are (top, left, bottom, right)."""
+class Conv3x3:
+    """What `examine` binds: the conv's operands and static sizes; pads are (top, left, bottom, right)."""
     x: gs.Tensor
     weight: gs.Constant
     bias: gs.Constant | None
@@ -97,44 +78,39 @@ class Layer:
         return self.height + top + bottom - 2, self.width + left + right - 2
 
 
-def examine(graph: gs.Graph, node: gs.Node) -> MatchResult:
-    """Binds `layer` (a `Layer`), or says why the conv cannot be rewritten. Pure."""
-    if len(node.inputs) < 2:
-        return MatchResult.no_match()
+def examine(node: gs.Node, graph: gs.Graph) -> Conv3x3 | None:
+    """Binds the conv, or raises `Refused` with why it cannot be rewritten. Pure."""
+    if is_winograd_conv(node) or len(node.inputs) < 2:
+        return None  # a marker is a conv this pass already rewrote
     weight = node.inputs[1]
     w_shape = weight.shape
     if w_shape is None or len(w_shape) != 4:
-        return MatchResult.fail(f"weight '{weight.name}' is not 4-D: only 2-D convolutions are rewritten")
+        raise Refused(f"weight '{weight.name}' is not 4-D: only 2-D convolutions are rewritten")
     kernel = tuple(node.attrs.get("kernel_shape", w_shape[2:]))
     if kernel != (3, 3):
-        return MatchResult.fail(f"kernel is {'x'.join(map(str, kernel))}, not 3x3")
+        raise Refused(f"kernel is {'x'.join(map(str, kernel))}, not 3x3")
     if tuple(node.attrs.get("strides", (1, 1))) != (1, 1):
-        return MatchResult.fail(f"stride {list(node.attrs['strides'])} is not 1")
+        raise Refused(f"stride {list(node.attrs['strides'])} is not 1")
     if tuple(node.attrs.get("dilations", (1, 1))) != (1, 1):
-        return MatchResult.fail(f"dilation {list(node.attrs['dilations'])} is not 1")
+        raise Refused(f"dilation {list(node.attrs['dilations'])} is not 1")
     if node.attrs.get("group", 1) != 1:
-        return MatchResult.fail(f"group={node.attrs['group']}: grouped and depthwise convs are not rewritten")
-    why = weight_refusal(graph, weight, "winograd")
-    if why:
-        return MatchResult.fail(why)
+        raise Refused(f"group={node.attrs['group']}: grouped and depthwise convs are not rewritten")
+    check_weight(graph, weight, "winograd")
     bias = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
     if bias is not None and not isinstance(bias, gs.Constant):
-        return MatchResult.fail(f"bias '{bias.name}' is computed at run time")
+        raise Refused(f"bias '{bias.name}' is computed at run time")
     x = node.inputs[0]
     shape = x.shape
     if shape is None or len(shape) != 4 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape[1:]):
-        return MatchResult.fail(f"input '{x.name}' has dynamic channels or spatial dims {shape}")
+        raise Refused(f"input '{x.name}' has dynamic channels or spatial dims {shape}")
     for t in (x, weight, bias):
         if t is not None and t.dtype is not None and np_dtype(t.dtype) != np.float32:
-            return MatchResult.fail(f"'{t.name}' is {np_dtype(t.dtype).name}: only float32 convs are rewritten")
-    pads = _pads(node)
-    if isinstance(pads, str):
-        return MatchResult.fail(pads)
+            raise Refused(f"'{t.name}' is {np_dtype(t.dtype).name}: only float32 convs are rewritten")
     _, c, h, w = shape
-    return MatchResult.ok(layer=Layer(x, weight, bias, int(c), int(w_shape[0]), int(h), int(w), pads))
+    return Conv3x3(x, weight, bias, int(c), int(w_shape[0]), int(h), int(w), _pads(node))
 
 
-def _pads(node: gs.Node) -> tuple[int, int, int, int] | str:
+def _pads(node: gs.Node) -> tuple[int, int, int, int]:
     auto = node.attrs.get("auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto == "VALID":
@@ -143,20 +119,20 @@ def _pads(node: gs.Node) -> tuple[int, int, int, int] | str:
         return (1, 1, 1, 1)  # a 3x3 kernel at stride 1 pads 2 in all, split evenly either way
     top, left, bottom, right = node.attrs.get("pads", (0, 0, 0, 0))
     if min(top, left, bottom, right) < 0:
-        return f"negative pads {[top, left, bottom, right]}"
+        raise Refused(f"negative pads {[top, left, bottom, right]}")
     return (int(top), int(left), int(bottom), int(right))
 
 
-def rewrite(rw: Rewriter, node: gs.Node, layer: Layer, tile: int) -> None:
+def rewrite_onnx(rw: Rewriter, node: gs.Node, conv: Conv3x3, tile: int) -> None:
     """Replace `node` by the F(tile x tile, 3x3) subgraph of standard ONNX ops."""
     m, alpha = tile, tile + 2
-    a2, c, k = alpha * alpha, layer.channels, layer.filters
-    out_h, out_w = layer.out_hw
+    a2, c, k = alpha * alpha, conv.channels, conv.filters
+    out_h, out_w = conv.out_hw
     th, tw = -(-out_h // m), -(-out_w // m)
-    n = layer.x.shape[0]
+    n = conv.x.shape[0]
     batch = n if isinstance(n, (int, np.integer)) else None
     name, out = node.name, node.outputs[0]
-    top, left, bottom, right = layer.pads
+    top, left, bottom, right = conv.pads
     rw.remove(node)
 
     def step(op: str, inputs: list, shape: list | None, attrs: dict | None = None, result: gs.Tensor | None = None):
@@ -171,15 +147,18 @@ def rewrite(rw: Rewriter, node: gs.Node, layer: Layer, tile: int) -> None:
     # every channel; it pads as the conv did, plus bottom/right rows and columns of zeros that
     # make the grid of m x m output tiles whole.
     extra_h, extra_w = th * m - out_h, tw * m - out_w
-    planes = step("Reshape", [layer.x, ints("planes", [-1, 1, layer.height, layer.width])],
-                  [batch and batch * c, 1, layer.height, layer.width])
+    planes = step("Reshape", [conv.x, ints("planes", [-1, 1, conv.height, conv.width])],
+                  [batch and batch * c, 1, conv.height, conv.width])
     kernel = rw.constant(f"{name}_wino_input_transform", wt.input_kernel(m).astype(np.float32))
     v = step("Conv", [planes, kernel], [batch and batch * c, a2, th, tw],
              {"kernel_shape": [alpha, alpha], "strides": [m, m],
               "pads": [top, left, bottom + extra_h, right + extra_w]})
+    # The input transform is the one Conv left: it keeps the conv's name (the detached node is
+    # dropped on commit), so include/exclude still find the layer on a second run, which refuses it.
+    producer(v).name = name
     v = step("Reshape", [v, ints("tiles", [-1, c, a2, th * tw])], [n, c, a2, th * tw])
     v = step("Transpose", [v], [n, a2, c, th * tw], {"perm": [0, 2, 1, 3]})
-    u = rw.constant(f"{layer.weight.name}_winograd", wt.weight_transform(layer.weight.values, m).astype(np.float32))
+    u = rw.constant(f"{conv.weight.name}_winograd", wt.weight_transform(conv.weight.values, m).astype(np.float32))
     prod = step("MatMul", [u, v], [n, a2, k, th * tw])
     prod = step("Transpose", [prod], [n, k, a2, th * tw], {"perm": [0, 2, 1, 3]})
     prod = step("Reshape", [prod, ints("points", [-1, a2, th, tw])], [batch and batch * k, a2, th, tw])
@@ -190,71 +169,53 @@ def rewrite(rw: Rewriter, node: gs.Node, layer: Layer, tile: int) -> None:
     y = step("ConvTranspose", [prod, blocks], [batch and batch * k, 1, th * m, tw * m],
              {"kernel_shape": [m, m], "strides": [m, m]})
     cropped = (th * m, tw * m) != (out_h, out_w)
-    last = layer.bias is None and not cropped
+    last = conv.bias is None and not cropped
     y = step("Reshape", [y, ints("image", [-1, k, th * m, tw * m])], [n, k, th * m, tw * m],
              result=out if last else None)
     if cropped:
         y = step("Slice", [y, ints("starts", [0, 0]), ints("ends", [out_h, out_w]), ints("axes", [2, 3])],
-                 [n, k, out_h, out_w], result=out if layer.bias is None else None)
-    if layer.bias is not None:
-        bias = rw.constant(f"{layer.bias.name}_winograd", layer.bias.values.reshape(k, 1, 1))
+                 [n, k, out_h, out_w], result=out if conv.bias is None else None)
+    if conv.bias is not None:
+        bias = rw.constant(f"{conv.bias.name}_winograd", conv.bias.values.reshape(k, 1, 1))
         step("Add", [y, bias], None, result=out)
 
 
-def mark(rw: Rewriter, node: gs.Node, layer: Layer, tile: int) -> None:
-    """Replace `node` by `ai.graphopt::WinogradConv`, the contract graphopt's TVM codegen lowers."""
+def mark(rw: Rewriter, node: gs.Node, conv: Conv3x3, tile: int) -> None:
+    """Replace `node` by the WinogradConv marker (graphopt.ir.ops), which graphopt's TVM codegen lowers."""
     inputs, outputs, name = list(node.inputs), list(node.outputs), node.name
+    declare(rw.graph, winograd_function(opset(rw.graph)), opset(rw.graph))
     rw.remove(node)
-    marker = rw.add_node(MARKER, inputs, outputs, {"pads": list(layer.pads), "tile": tile}, name=name)
+    marker = rw.add_node(WINOGRAD_CONV, inputs, outputs, winograd_attrs(conv.pads, tile), name=name)
     marker.domain = DOMAIN
     marker.name = name  # the marker stands for the conv; the detached conv is dropped on commit
 
 
-def declare_marker(graph: gs.Graph) -> None:
-    """Add the WinogradConv function (a plain 3x3 Conv using `pads` by reference) and its opset."""
-    if not any(f.name == MARKER and f.domain == DOMAIN for f in graph.functions):
-        x, w, b, y = (gs.Variable(v) for v in ("X", "W", "B", "Y"))
-        conv = gs.Node("Conv", "conv", {"kernel_shape": [3, 3], "pads": gs.Node.AttributeRef("pads", List[int])},
-                       inputs=[x, w, b], outputs=[y])
-        default = onnx.helper.make_opsetid("", opset(graph))
-        graph.functions.append(gs.Function(MARKER, DOMAIN, nodes=[conv], inputs=[x, w, b], outputs=[y],
-                                           import_domains=[default], attrs={"pads": None, "tile": None}))
-    domains = list(graph.import_domains or [onnx.helper.make_opsetid("", opset(graph))])
-    if not any(d.domain == DOMAIN for d in domains):
-        graph.import_domains = domains + [onnx.helper.make_opsetid(DOMAIN, 1)]
-
-
-def single_layer(graph: gs.Graph, node: gs.Node, layer: Layer) -> gs.Graph:
+def single_layer(graph: gs.Graph, node: gs.Node, conv: Conv3x3) -> gs.Graph:
     """The conv alone, on a static input (batch 1 where the graph's is symbolic), for timing."""
-    n = layer.x.shape[0]
+    n = conv.x.shape[0]
     batch = int(n) if isinstance(n, (int, np.integer)) else 1
-    x = gs.Variable("x", np.float32, [batch, layer.channels, layer.height, layer.width])
-    y = gs.Variable("y", np.float32, [batch, layer.filters, *layer.out_hw])
-    operands = [x, gs.Constant("w", layer.weight.values)]
-    if layer.bias is not None:
-        operands.append(gs.Constant("b", layer.bias.values))
-    conv = gs.Node("Conv", node.name, {"kernel_shape": [3, 3], "pads": list(layer.pads)}, operands, [y])
-    return gs.Graph([conv], [x], [y], import_domains=[onnx.helper.make_opsetid("", opset(graph))])
+    x = gs.Variable("x", np.float32, [batch, conv.channels, conv.height, conv.width])
+    y = gs.Variable("y", np.float32, [batch, conv.filters, *conv.out_hw])
+    operands = [x, gs.Constant("w", conv.weight.values)]
+    if conv.bias is not None:
+        operands.append(gs.Constant("b", conv.bias.values))
+    direct = gs.Node("Conv", node.name, {"kernel_shape": [3, 3], "pads": list(conv.pads)}, operands, [y])
+    return gs.Graph([direct], [x], [y], import_domains=[onnx.helper.make_opsetid("", opset(graph))])
 
 
 def candidate(layer_graph: gs.Graph, tile: int, emit: str) -> onnx.ModelProto:
     """`layer_graph` with its conv rewritten as F(tile x tile, 3x3), or marked when emit="tvm"."""
     g = layer_graph.copy()
-    conv = g.nodes[0]
-    layer = examine(g, conv)["layer"]
+    node = g.nodes[0]
     rw = Rewriter(g)
-    if emit == "tvm":
-        declare_marker(g)
-        mark(rw, conv, layer, tile)
-    else:
-        rewrite(rw, conv, layer, tile)
+    (mark if emit == "tvm" else rewrite_onnx)(rw, node, examine(node, g), tile)
     rw.commit()
     return export(g)
 
 
-def measure(graph: gs.Graph, node: gs.Node, layer: Layer, ctx: PassContext, emit: str) -> tuple[int | None, dict]:
+def measure(graph: gs.Graph, node: gs.Node, conv: Conv3x3, ctx: PassContext, emit: str) -> tuple[int | None, dict]:
     """(the tile to use, or None for the direct conv; what was measured and why)."""
-    layer_graph = single_layer(graph, node, layer)
+    layer_graph = single_layer(graph, node, conv)
     direct = export(layer_graph)
     x = layer_graph.inputs[0]
     feeds = {"x": np.random.default_rng(ctx.seed).standard_normal(x.shape).astype(np.float32)}
@@ -278,17 +239,18 @@ def measure(graph: gs.Graph, node: gs.Node, layer: Layer, ctx: PassContext, emit
     reason = f"{chosen} is the fastest ({timings[chosen]:.4g} ms"
     reason += f"; next {rival} {timings[rival]:.4g} ms)" if rival else ")"
     reason += f"; rejected {'; '.join(rejected)}" if rejected else ""
-    stats = {"chosen": chosen, "timings_ms": {k: round(v, 5) for k, v in timings.items()},
-             "max_abs_error": {k: float(f"{v:.3g}") for k, v in errors.items()}, "reason": reason}
+    decision = {"chosen": chosen, "timings_ms": {k: round(v, 5) for k, v in timings.items()},
+                "max_abs_error": {k: float(f"{v:.3g}") for k, v in errors.items()}, "reason": reason}
     tile = next((t for t in wt.TILES if wt.variant(t) == chosen), None)
-    return tile, stats
+    return tile, decision
 
 
-class Winograd(Pass):
+class Winograd(LayerPass):
     name = "winograd"
     info = PassInfo(BOUNDS[max(wt.TILES)], opset=(11, onnx.defs.onnx_opset_version()),
                     requires=frozenset({TOPOSORTED, SHAPES_INFERRED}))
     Options = Options
+    ops = ("Conv",)
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -296,57 +258,51 @@ class Winograd(Pass):
         # The bound depends on the variants this instance may emit; timing decides afresh on each
         # run, so a conv kept direct may be rewritten by the next one.
         bound = BOUNDS[max(wt.TILES)] if o.select == "measure" else BOUNDS[o.tile]
-        self.info = replace(type(self).info, semantics=bound, idempotent=o.select == "all")
+        self.info = replace(type(self).info, semantics=bound, idempotent=o.select == "all",
+                            needs_latency=o.select == "measure")
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    def candidates(self, graph: gs.Graph) -> list[gs.Node]:
+        # A marker stands for the conv it replaced: include/exclude still name it on a second run.
+        return super().candidates(graph) + [n for n in graph.nodes if is_winograd_conv(n)]
+
+    examine = staticmethod(examine)
+
+    def plan(self, layers: list[Layer], graph: gs.Graph, ctx: PassContext,
+             result: PassResult) -> list[tuple[Layer, Choice]]:
         o = self.options
-        found, refused, skipped = [], [], []
-        for node in graph.nodes:
-            if node.op != "Conv" or node.domain not in ("", "ai.onnx", None):
-                continue
-            if (o.include and node.name not in o.include) or node.name in o.exclude:
-                skipped.append({"node": node.name, "reason": "excluded by include/exclude"})
-                continue
-            m = examine(graph, node)
-            if m:
-                found.append((node, m["layer"]))
-            elif m.reason:
-                refused.append({"node": node.name, "reason": m.reason})
-        stats: dict = {"emit": o.emit, "select": o.select}
-        timed = o.select == "measure"
-        if timed and o.emit == "tvm" and ctx.latency is None:
+        result.stats.update({"emit": o.emit, "select": o.select})
+        if not self._timed(ctx) and o.select == "measure":
             # onnxruntime runs the marker as the plain conv, so timing it here cannot tell variants apart.
-            timed = False
-            stats["select"] = f"all: no timer for the target to measure with, every conv marked with tile={o.tile}"
-        layers: dict[str, dict] = {}
-        plan = []
-        for node, layer in found:
-            tile, measured = measure(graph, node, layer, ctx, o.emit) if timed else (o.tile, {})
-            if tile is None:
-                skipped.append({"node": node.name, "reason": measured["reason"]})
-                layers[node.name] = measured
-                continue
-            plan.append((node, layer, tile))
-            layers[node.name] = {**_cost(layer, tile), **measured}
-        if plan:
-            rw = Rewriter(graph)
-            if o.emit == "tvm":
-                declare_marker(graph)
-            for node, layer, tile in plan:
-                (mark if o.emit == "tvm" else rewrite)(rw, node, layer, tile)
-            rw.commit()
-        stats.update({"rewritten": len(plan), "layers": layers, "refused": refused, "skipped": skipped})
-        named = {n.name for n in graph.nodes} | {n.name for n, _, _ in plan}
-        missing = sorted(set(o.include + o.exclude) - named)
-        if missing:
-            stats["not_found"] = missing
-        return PassResult(bool(plan), stats)
+            result.stats["select"] = ("all: no timer for the target to measure with, every conv marked with "
+                                      f"tile={o.tile}")
+        planned = super().plan(layers, graph, ctx, result)
+        result.stats["rewritten"] = len(planned)
+        return planned
+
+    def plan_layer(self, layer: Layer, graph: gs.Graph, ctx: PassContext, result: PassResult) -> Choice | None:
+        if not self._timed(ctx):
+            return self.options.tile, {}
+        tile, measured = measure(graph, layer.node, layer.match, ctx, self.options.emit)
+        if tile is None:  # the direct conv is the fastest: left as it is, the choice recorded
+            result.skip(layer.name, measured["reason"])
+            result.decisions[layer.name] = measured
+            return None
+        return tile, measured
+
+    def rewrite(self, rw: Rewriter, layer: Layer, plan: Choice) -> dict:
+        tile, measured = plan
+        (mark if self.options.emit == "tvm" else rewrite_onnx)(rw, layer.node, layer.match, tile)
+        return {**_cost(layer.match, tile), **measured}
+
+    def _timed(self, ctx: PassContext) -> bool:
+        o = self.options
+        return o.select == "measure" and (o.emit == "onnx" or ctx.latency is not None)
 
 
-def _cost(layer: Layer, tile: int) -> dict:
+def _cost(conv: Conv3x3, tile: int) -> dict:
     """Multiplications per image: the direct conv's against the channel products of the tiles."""
-    out_h, out_w = layer.out_hw
+    out_h, out_w = conv.out_hw
     tiles = [-(-out_h // tile), -(-out_w // tile)]
-    kc = layer.filters * layer.channels
+    kc = conv.filters * conv.channels
     return {"variant": wt.variant(tile), "tiles": tiles,
             "multiplies": {"direct": kc * 9 * out_h * out_w, "winograd": kc * (tile + 2) ** 2 * tiles[0] * tiles[1]}}

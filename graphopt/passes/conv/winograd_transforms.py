@@ -16,6 +16,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from graphopt.ir.ops import WINOGRAD_TILES
+
 R = 3
 # Small points keep the matrices' entries small, which is what bounds the float32 error. For
 # F(4x4), {0, +-1, 1/2, -2} (Barabasz et al. 2018) is about 4x more accurate than the customary
@@ -26,7 +28,8 @@ POINTS: dict[int, tuple[Fraction, ...]] = {
     4: (Fraction(0), Fraction(1), Fraction(-1), Fraction(1, 2), Fraction(-2)),
     6: (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2), Fraction(-1, 2)),
 }
-TILES = tuple(POINTS)
+# The tiles are the WinogradConv contract's (graphopt.ir.ops); POINTS has one set for each.
+TILES = WINOGRAD_TILES
 
 
 def variant(m: int) -> str:

@@ -1,12 +1,11 @@
 """What the factorization passes share: options, the choice of ranks (uniform or by sensitivity),
-the walk over layers, and the stats.
+the per-layer decision, and the `Layerwise` methods `graphopt sensitivity` calls.
 
-A pass built on `LowRankPass` says which nodes it looks at (`ops`), how it examines one
-(`examine`: pure, a `MatchResult` that binds the weight or says why not), how it decomposes the
-weight (`decompose`: the SVDs, computed once per layer however many ranks are then tried), how it
-truncates that under a rank criterion (`plan`: a `Plan`, or the reason it would not pay), and how
-it rewrites the node (`rewrite`, through the rewriter). Planning every layer before rewriting any
-keeps matching free of half-rewritten graphs.
+A pass built on `LowRankPass` (a `LayerPass`) says which nodes it looks at (`ops`), how it examines
+one (`examine`: pure, a `Match` that binds the weight, or `Refused`), how it decomposes the weight
+(`decompose`: the SVDs, computed once per layer however many ranks are then tried), how it
+truncates that under a rank criterion (`truncate`: a `Plan`, or `Refused` when it would not pay),
+and how it writes the factors in place of the node (`factor`, through the rewriter).
 """
 from __future__ import annotations
 
@@ -17,27 +16,30 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir.data import input_specs, random_feeds
-from graphopt.ir.errors import PipelineError
+from graphopt.ir.errors import PipelineError, Refused
 from graphopt.passes import sensitivity
-from graphopt.passes.base import Pass, PassContext, PassResult
+from graphopt.passes.base import Layer, LayerOptions, LayerPass, PassContext, PassResult, option
 from graphopt.passes.factorize.rank import Criterion
-from graphopt.pattern import MatchResult, Rewriter
+from graphopt.pattern import Rewriter
 
 # The refusal that marks the halves of an earlier factorization; sensitivity allocation reads it.
 ALREADY_FACTORED = "already factored"
 
 
 @dataclass(frozen=True)
-class Options:
+class Options(LayerOptions):
     """Rank choice, one of: `rank`, `energy`, `ratio` (fraction of parameters kept) or
     method="vbmf"; with allocation="sensitivity", `ratio` is a global budget instead, spread over
     the layers by their sensitivity measured at `ratios` (fractions of a layer's parameters removed)."""
-    rank: int | None = None
-    energy: float | None = None
-    ratio: float | None = None
-    method: str | None = None
-    allocation: str = "uniform"
-    ratios: tuple[float, ...] = (0.25, 0.5, 0.7, 0.8, 0.9)
+    rank: int | None = option(None, "the rank kept (capped at each matrix's or mode's size)")
+    energy: float | None = option(None, "fraction of the squared singular values kept, in (0, 1]")
+    ratio: float | None = option(None, "fraction of each layer's parameters kept, in (0, 1]; with "
+                                       "allocation='sensitivity', of all these layers' parameters")
+    method: str | None = option(None, "'vbmf': the rank empirical variational Bayesian matrix factorization keeps")
+    allocation: str = option("uniform", "'uniform' (every layer by the same criterion) or 'sensitivity' "
+                                        "(the `ratio` budget spread by measured sensitivity)")
+    ratios: tuple[float, ...] = option((0.25, 0.5, 0.7, 0.8, 0.9), "fractions of a layer's parameters "
+                                       "removed at which sensitivity is measured (allocation='sensitivity')")
 
     pass_name: ClassVar[str] = "factorize"
 
@@ -67,9 +69,17 @@ class Options:
         return Criterion(rank=self.rank, energy=self.energy, keep=self.ratio, vbmf=self.method == "vbmf")
 
 
+@dataclass(frozen=True)
+class Match:
+    """What `examine` binds: the constant weight and its input position."""
+    weight: gs.Constant
+    index: int
+
+
 @dataclass
 class Plan:
     """A decomposition ready to be written: the factors, and what it costs and keeps."""
+    criterion: Criterion
     ranks: dict[str, int]
     factors: tuple[np.ndarray, ...]
     params: tuple[int, int]  # before, after
@@ -77,130 +87,106 @@ class Plan:
     weight_error: float  # relative Frobenius error of the reconstructed weight
     extra: dict = field(default_factory=dict)
 
-    def as_stats(self, op: str, criterion: Criterion) -> dict:
-        return {"op": op, "criterion": criterion.describe(), "ranks": self.ranks,
+    def decision(self, op: str) -> dict:
+        return {"op": op, "criterion": self.criterion.describe(), "ranks": self.ranks,
                 "params": {"before": self.params[0], "after": self.params[1]},
                 "macs": {"before": self.macs[0], "after": self.macs[1]},
                 "weight_error": round(self.weight_error, 6), **self.extra}
 
 
-def no_saving(what: str, unit: str, before: int, after: int) -> str:
-    return f"{what}: factors need {after:,} {unit} where the layer has {before:,}; no saving"
+def no_saving(what: str, unit: str, before: int, after: int) -> Refused:
+    return Refused(f"{what}: factors need {after:,} {unit} where the layer has {before:,}; no saving")
 
 
-class LowRankPass(Pass):
-    """Examine every `ops` node, plan each accepted one, rewrite, and report per layer."""
+class LowRankPass(LayerPass):
+    """Examine every `ops` node, choose each accepted layer's criterion, truncate, rewrite."""
 
-    ops: ClassVar[tuple[str, ...]] = ()
     Options = Options
 
-    def examine(self, graph: gs.Graph, node: gs.Node) -> MatchResult:
+    def decompose(self, node: gs.Node, match: Match) -> Any:
         raise NotImplementedError
 
-    def decompose(self, node: gs.Node, m: MatchResult) -> Any:
+    def truncate(self, node: gs.Node, match: Match, decomposition: Any, criterion: Criterion) -> Plan:
         raise NotImplementedError
 
-    def plan(self, node: gs.Node, m: MatchResult, decomposition: Any, criterion: Criterion) -> Plan | str:
+    def factor(self, rw: Rewriter, node: gs.Node, match: Match, plan: Plan) -> None:
         raise NotImplementedError
 
-    def rewrite(self, rw: Rewriter, node: gs.Node, m: MatchResult, plan: Plan) -> None:
-        raise NotImplementedError
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        found, refused = self._examine_all(graph)
+    def plan(self, layers: list[Layer], graph: gs.Graph, ctx: PassContext,
+             result: PassResult) -> list[tuple[Layer, Plan]]:
         decompositions: dict[str, Any] = {}  # by node name, made when first needed
-        stats: dict = {"allocation": self.options.allocation}
-        criteria = self._criteria(graph, found, refused, decompositions, ctx, stats)
-        planned, skipped = [], []
-        for node, m in found:
-            criterion = criteria.get(node.name)
+        result.stats["allocation"] = self.options.allocation
+        criteria = self._criteria(graph, layers, decompositions, ctx, result)
+        planned = []
+        for layer in layers:
+            criterion = criteria.get(layer.name)
             if criterion is None:
-                reason = stats.get("budget", "sensitivity allocation kept it whole")
-                skipped.append({"node": node.name, "reason": reason})
+                result.skip(layer.name, result.stats.get("budget", "sensitivity allocation kept it whole"))
                 continue
-            plan = self.plan(node, m, self._decomposition(decompositions, node, m), criterion)
-            if isinstance(plan, str):
-                refused.append({"node": node.name, "reason": plan})
-            else:
-                planned.append((node, m, plan, criterion))
-        self._rewrite_all(graph, planned)
-        stats.update({"params_removed": sum(p.params[0] - p.params[1] for _, _, p, _ in planned),
-                      "layers": {node.name: plan.as_stats(node.op, c) for node, _, plan, c in planned},
-                      "refused": refused, "skipped": skipped})
-        return PassResult(bool(planned), stats)
+            try:
+                planned.append((layer, self.truncate(layer.node, layer.match,
+                                                     self._decomposition(decompositions, layer), criterion)))
+            except Refused as e:
+                result.refuse(layer.name, e.reason)
+        result.stats["params_removed"] = sum(p.params[0] - p.params[1] for _, p in planned)
+        return planned
 
-    def _decomposition(self, cache: dict[str, Any], node: gs.Node, m: MatchResult) -> Any:
-        if node.name not in cache:
-            cache[node.name] = self.decompose(node, m)
-        return cache[node.name]
+    def rewrite(self, rw: Rewriter, layer: Layer, plan: Plan) -> dict:
+        self.factor(rw, layer.node, layer.match, plan)
+        return plan.decision(layer.node.op)
 
-    def _rewrite_all(self, graph: gs.Graph, planned: list) -> None:
-        if not planned:
-            return
-        rw = Rewriter(graph)
-        for node, m, plan, _ in planned:
-            self.rewrite(rw, node, m, plan)
-        rw.commit()
+    def _decomposition(self, cache: dict[str, Any], layer: Layer) -> Any:
+        if layer.name not in cache:
+            cache[layer.name] = self.decompose(layer.node, layer.match)
+        return cache[layer.name]
 
-    def _examine_all(self, graph: gs.Graph) -> tuple[list[tuple[gs.Node, MatchResult]], list[dict]]:
-        found, refused = [], []
-        for node in graph.nodes:
-            if node.op not in self.ops or node.domain not in ("", "ai.onnx", None):
-                continue
-            m = self.examine(graph, node)
-            if m:
-                found.append((node, m))
-            elif m.reason:
-                refused.append({"node": node.name, "reason": m.reason})
-        return found, refused
-
-    def _criteria(self, graph: gs.Graph, found: list, refused: list[dict], decompositions: dict,
-                  ctx: PassContext, stats: dict) -> dict[str, Criterion]:
+    def _criteria(self, graph: gs.Graph, layers: list[Layer], decompositions: dict, ctx: PassContext,
+                  result: PassResult) -> dict[str, Criterion]:
         if self.options.allocation == "uniform":
-            return {node.name: self.options.criterion() for node, _ in found}
-        if any(r["reason"].startswith(ALREADY_FACTORED) for r in refused):
+            return {layer.name: self.options.criterion() for layer in layers}
+        if any(r.reason.startswith(ALREADY_FACTORED) for r in result.refused):
             # The budget is a fraction of the unfactored model; spending it again would compound.
-            stats["budget"] = "graph already holds factored layers: budget not spent again"
+            result.stats["budget"] = "graph already holds factored layers: budget not spent again"
             return {}
-        if not found:
+        if not layers:
             return {}
         feeds = ctx.feeds if ctx.feeds is not None else random_feeds(input_specs(graph), ctx.seed, batch=8)
         report = (lambda done, total: ctx.progress("sensitivity", done, total)) if ctx.progress else None
-        layers = [self._layer(node, m) for node, m in found]
-        for node, m in found:  # once per layer, however many ratios each is tried at
-            self._decomposition(decompositions, node, m)
+        for layer in layers:  # once per layer, however many ratios each is tried at
+            self._decomposition(decompositions, layer)
 
         def apply(trial: gs.Graph, layer: sensitivity.Layer, ratio: float) -> None:
             self._apply(trial, layer, ratio, decompositions[layer.name])
 
-        table = sensitivity.analyze(graph, layers, apply, self.options.ratios, feeds, progress=report)
+        table = sensitivity.analyze(graph, [_sized(layer) for layer in layers], apply, self.options.ratios, feeds,
+                                    progress=report)
         removed = sensitivity.allocate(table, 1.0 - self.options.ratio)
-        stats["sensitivity"] = table.as_dict()
-        stats["allocated_keep"] = {name: round(1.0 - r, 4) for name, r in removed.items()}
+        result.stats["sensitivity"] = table.as_dict()
+        result.stats["allocated_keep"] = {name: round(1.0 - r, 4) for name, r in removed.items()}
         return {name: Criterion(keep=1.0 - r) for name, r in removed.items() if r > 0}
 
     # -- sensitivity.Layerwise: the ratio is the fraction of a layer's parameters removed -------
     def layers(self, graph: gs.Graph) -> list[sensitivity.Layer]:
-        found, _ = self._examine_all(graph)
-        return [self._layer(node, m) for node, m in found]
+        return [_sized(layer) for layer in self.select(graph, PassResult(False))]
 
     def apply_layer(self, graph: gs.Graph, layer: sensitivity.Layer, ratio: float) -> None:
         self._apply(graph, layer, ratio, None)
-
-    @staticmethod
-    def _layer(node: gs.Node, m: MatchResult) -> sensitivity.Layer:
-        return sensitivity.Layer(node.name, node.op, int(m["weight"].values.size))
 
     def _apply(self, graph: gs.Graph, layer: sensitivity.Layer, ratio: float, decomposition: Any) -> None:
         """Factor one layer of `graph` (a trial copy) keeping 1 - ratio of its parameters;
         `decomposition`, when given, is that of the same weight in the graph the copy came from."""
         node = next(n for n in graph.nodes if n.name == layer.name)
-        m = self.examine(graph, node)
-        if not m:
-            return
-        decomposition = self.decompose(node, m) if decomposition is None else decomposition
-        plan = self.plan(node, m, decomposition, Criterion(keep=1.0 - ratio))
-        if not isinstance(plan, str):
-            rw = Rewriter(graph)
-            self.rewrite(rw, node, m, plan)
-            rw.commit()
+        try:
+            match = self.examine(node, graph)
+            decomposition = self.decompose(node, match) if decomposition is None else decomposition
+            plan = self.truncate(node, match, decomposition, Criterion(keep=1.0 - ratio))
+        except Refused:
+            return  # no saving at this ratio: the layer stays whole, and measures as such
+        rw = Rewriter(graph)
+        self.factor(rw, node, match, plan)
+        rw.commit()
+
+
+def _sized(layer: Layer) -> sensitivity.Layer:
+    return sensitivity.Layer(layer.name, layer.node.op, int(layer.match.weight.values.size))
+

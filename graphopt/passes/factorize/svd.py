@@ -1,27 +1,17 @@
-"""factorize-svd: a Gemm or MatMul with a constant 2-D weight W (m x n) becomes two chained
-products through an inner dimension r, W ~ (U_r S_r^1/2)(S_r^1/2 V_r^T) (Xue et al. 2013;
-Denton et al. 2014).
+"""factorize-svd: a Gemm or MatMul with a constant 2-D weight W as two chained products through
+rank r, W ~ (U_r S_r^1/2)(S_r^1/2 V_r^T) (Xue et al. 2013; Denton et al. 2014).
 
-Matches: Gemm whose B is a floating-point constant (transA, transB, alpha and beta honoured:
-alpha goes into the factors, C and beta stay on the second Gemm), and MatMul with one 2-D
-constant operand (on the right, activations of any batch rank; or on the left). The rank comes
-from exactly one of `rank`, `energy` (fraction of the squared singular values kept), `ratio`
-(fraction of the layer's parameters kept) or method="vbmf" (the rank empirical variational
-Bayesian matrix factorization keeps); with allocation="sensitivity", `ratio` is a budget of
-parameters over all such layers, spread by their measured sensitivity (graphopt.passes.sensitivity)
-on the calibration data or random inputs, and spent once: a graph that already holds factored
-layers is left as it is.
-Refuses, with the reason in stats: a rank that saves nothing (r * (m + n) >= m * n), a weight
-shared with another node or that is a graph output, a weight that is not 2-D or not floating
-point, a Gemm whose constant operand is A, a MatMul of two constants, and the halves of an
-earlier factorization (a bias-free product feeding straight into another), which keeps the pass
-idempotent.
-Guarantees: LOSSY(cosine >= 0.6), the bound the tests hold the random-weight MLP and transformer
-builders to at ratio 0.5: Gaussian weights have flat spectra, the worst case (the digits CNN keeps
-its accuracy at energy 0.95 and 0.9). Per layer, the factored weight keeps `energy` of the squared
-Frobenius norm (stats: weight_error = sqrt(1 - energy kept)). When the rank keeps every non-zero
-singular value, the output equals the original up to float rounding.
+Matches: Gemm with a float constant B (transA, transB, alpha, beta honoured), MatMul with one 2-D
+float constant operand (right: any batch rank; or left).
+Rewrites: the product into two, the second keeping the node's name, C and beta; r from `rank`,
+`energy`, `ratio` or method="vbmf", or a `ratio` budget spread by sensitivity (spent once).
+Refuses: a rank that saves no parameters, a shared or graph-output weight, a weight not 2-D or
+not floating point, a Gemm's constant A, two constant operands, the halves of an earlier
+factorization.
+Guarantees: LOSSY(cosine >= 0.6) (random-weight MLP and transformer at ratio 0.5, the flat-
+spectrum worst case); exact up to rounding when r keeps every non-zero singular value; idempotent.
 Verified by: tests/passes/factorize/test_svd.py against onnxruntime, and TVM compilation.
+Details: docs/passes/factorize-svd.md.
 """
 from __future__ import annotations
 
@@ -29,13 +19,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir.cost import macs
+from graphopt.ir.errors import Refused
 from graphopt.ir.graph import is_graph_output, np_dtype, producer
 from graphopt.ir.verify import SHAPES_INFERRED, TOPOSORTED
 from graphopt.passes.base import LOSSY, PassInfo
 from graphopt.passes.factorize import lowrank
+from graphopt.passes.factorize.lowrank import Match, Plan
 from graphopt.passes.factorize.rank import Criterion, energy_kept, energy_rank, evbmf_rank, svd_keep_rank
-from graphopt.passes.weights import weight_refusal
-from graphopt.pattern import MatchResult, Rewriter
+from graphopt.passes.weights import check_weight
+from graphopt.pattern import Rewriter
 
 PRODUCTS = ("Gemm", "MatMul")
 # The effective weight and its thin SVD (u, s, vt).
@@ -46,36 +38,36 @@ class Options(lowrank.Options):
     pass_name = "factorize-svd"
 
 
-def examine(graph: gs.Graph, node: gs.Node) -> MatchResult:
-    """Binds `weight` (the constant) and `index` (its input position), or says why not."""
+def examine(node: gs.Node, graph: gs.Graph) -> Match | None:
+    """Binds the constant weight and its input position; None for a product of two activations."""
     constant = [i for i in (0, 1) if len(node.inputs) > i and isinstance(node.inputs[i], gs.Constant)]
     if not constant:
-        return MatchResult.no_match()  # a product of two activations has no weight to factor
+        return None  # no weight to factor
     if len(constant) == 2:
-        return MatchResult.fail("both operands are constant: fold them first (fold-constants)")
+        raise Refused("both operands are constant: fold them first (fold-constants)")
     index = constant[0]
     if node.op == "Gemm" and index == 0:
-        return MatchResult.fail("the Gemm's constant operand is A; only a constant B is factored")
+        raise Refused("the Gemm's constant operand is A; only a constant B is factored")
     weight = node.inputs[index]
     if len(weight.shape) != 2:
-        return MatchResult.fail(f"weight '{weight.name}' is {len(weight.shape)}-D; only a 2-D weight is factored")
-    why = weight_refusal(graph, weight, "factorize") or _factored_half(graph, node, index)
-    return MatchResult.fail(why) if why else MatchResult.ok(weight=weight, index=index)
+        raise Refused(f"weight '{weight.name}' is {len(weight.shape)}-D; only a 2-D weight is factored")
+    check_weight(graph, weight, "factorize")
+    _check_not_factored(graph, node, index)
+    return Match(weight, index)
 
 
-def _factored_half(graph: gs.Graph, node: gs.Node, index: int) -> str | None:
-    """The reason when `node` is one half of a factorization: a bias-free product whose output only
+def _check_not_factored(graph: gs.Graph, node: gs.Node, index: int) -> None:
+    """Refuses `node` when it is one half of a factorization: a bias-free product whose output only
     another constant-weight product reads, or a product reading such a half's output."""
     activation = node.inputs[1 - index]
     source = producer(activation)
     if source is not None and _bias_free_linear(source) and len(activation.outputs) == 1:
-        return f"{lowrank.ALREADY_FACTORED}: reads the bias-free product '{source.name}' directly"
+        raise Refused(f"{lowrank.ALREADY_FACTORED}: reads the bias-free product '{source.name}' directly")
     out = node.outputs[0]
     readers = list(out.outputs)
     if (_bias_free_linear(node) and len(readers) == 1 and _bias_free_linear(readers[0], bias_ok=True)
             and not is_graph_output(graph, out)):
-        return f"{lowrank.ALREADY_FACTORED}: feeds the product '{readers[0].name}' directly"
-    return None
+        raise Refused(f"{lowrank.ALREADY_FACTORED}: feeds the product '{readers[0].name}' directly")
 
 
 def _bias_free_linear(node: gs.Node, bias_ok: bool = False) -> bool:
@@ -103,28 +95,29 @@ def choose_rank(w: np.ndarray, s: np.ndarray, criterion: Criterion) -> int:
     return max(1, evbmf_rank(s, w.shape))
 
 
-def decompose(node: gs.Node, m: MatchResult) -> Decomposition:
-    w = effective_weight(node, m["index"])
+def decompose(node: gs.Node, match: Match) -> Decomposition:
+    w = effective_weight(node, match.index)
     return (w, *np.linalg.svd(w, full_matrices=False))
 
 
-def plan(node: gs.Node, m: MatchResult, decomposition: Decomposition, criterion: Criterion) -> lowrank.Plan | str:
+def truncate(node: gs.Node, match: Match, decomposition: Decomposition, criterion: Criterion) -> Plan:
+    """The rank-r factors; `Refused` when they hold no fewer parameters than the weight."""
     w, u, s, vt = decomposition
     rank = choose_rank(w, s, criterion)
     rows, cols = w.shape
     before, after = rows * cols, rank * (rows + cols)
     if after >= before:
-        return lowrank.no_saving(f"rank {rank} ({criterion.describe()})", "parameters", before, after)
+        raise lowrank.no_saving(f"rank {rank} ({criterion.describe()})", "parameters", before, after)
     root = np.sqrt(s[:rank])
     left, right = u[:, :rank] * root, root[:, None] * vt[:rank]
     kept = energy_kept(s, rank)
     layer_macs = macs(node)
-    return lowrank.Plan({"rank": rank}, (left, right), (before, after), (layer_macs, layer_macs * after // before),
-                        float(np.sqrt(max(1.0 - kept, 0.0))), {"energy": round(kept, 6)})
+    return Plan(criterion, {"rank": rank}, (left, right), (before, after), (layer_macs, layer_macs * after // before),
+                float(np.sqrt(max(1.0 - kept, 0.0))), {"energy": round(kept, 6)})
 
 
-def rewrite(rw: Rewriter, node: gs.Node, m: MatchResult, plan: lowrank.Plan) -> None:
-    weight, index = m["weight"], m["index"]
+def factor(rw: Rewriter, node: gs.Node, match: Match, plan: Plan) -> None:
+    weight, index = match.weight, match.index
     dtype = np_dtype(weight.dtype)
     left, right = (f.astype(dtype) for f in plan.factors)
     trans_b = node.op == "Gemm" and node.attrs.get("transB", 0)
@@ -139,14 +132,17 @@ def rewrite(rw: Rewriter, node: gs.Node, m: MatchResult, plan: lowrank.Plan) -> 
     if node.op == "Gemm":  # A' (alpha B') + beta C = (A' U) V + beta C
         rw.add_node("Gemm", [inputs[0], u_w], [inner], name=f"{name}_svd1",
                     attrs={"transA": attrs.get("transA", 0), "transB": int(trans_b)})
-        rw.add_node("Gemm", [inner, v_w, *inputs[2:]], [out], name=f"{name}_svd2",
-                    attrs={"transB": int(trans_b), "beta": attrs.get("beta", 1.0)})
+        second = rw.add_node("Gemm", [inner, v_w, *inputs[2:]], [out], name=name,
+                             attrs={"transB": int(trans_b), "beta": attrs.get("beta", 1.0)})
     elif index == 0:  # W x = U (V x)
         rw.add_node("MatMul", [v_w, inputs[1]], [inner], name=f"{name}_svd1")
-        rw.add_node("MatMul", [u_w, inner], [out], name=f"{name}_svd2")
+        second = rw.add_node("MatMul", [u_w, inner], [out], name=name)
     else:  # x W = (x U) V
         rw.add_node("MatMul", [inputs[0], u_w], [inner], name=f"{name}_svd1")
-        rw.add_node("MatMul", [inner, v_w], [out], name=f"{name}_svd2")
+        second = rw.add_node("MatMul", [inner, v_w], [out], name=name)
+    # The half that writes the layer's output keeps its name (the detached node is dropped on
+    # commit), so include/exclude still find the layer on a second run, which refuses it.
+    second.name = name
 
 
 def _inner_shape(node: gs.Node, index: int, rank: int) -> list | None:
@@ -155,7 +151,7 @@ def _inner_shape(node: gs.Node, index: int, rank: int) -> list | None:
     if x is None:
         return None
     x = list(x)
-    if node.op == "Gemm":
+    if node.op == "Gemm":  # A is M x K, or K x M with transA
         return [x[1] if node.attrs.get("transA", 0) else x[0], rank]
     if index == 1:
         return x[:-1] + [rank]
@@ -170,5 +166,5 @@ class FactorizeSVD(lowrank.LowRankPass):
 
     examine = staticmethod(examine)
     decompose = staticmethod(decompose)
-    plan = staticmethod(plan)
-    rewrite = staticmethod(rewrite)
+    truncate = staticmethod(truncate)
+    factor = staticmethod(factor)

@@ -1,26 +1,18 @@
-"""factorize-tucker: a Conv becomes Conv 1x1 (C_in -> r_in), Conv kxk (r_in -> r_out, with the
-original strides, pads, dilations and auto_pad) and Conv 1x1 (r_out -> C_out, with the bias):
-the Tucker-2 decomposition of the weight on its output and input modes, by HOSVD (Kim et al. 2016).
+"""factorize-tucker: a Conv as Conv 1x1 (C_in -> r_in), Conv kxk (r_in -> r_out) and Conv 1x1
+(r_out -> C_out): Tucker-2 of the weight on its channel modes, by HOSVD (Kim et al. 2016).
 
-Matches: Conv with group 1, a floating-point constant weight and a kernel of more than one element
-(2-D kxk, and 1-D or 3-D alike). Ranks (r_out, r_in) come from exactly one of `rank` (both modes,
-capped at each mode's size), `energy` (fraction of the squared singular values of each mode's
-unfolding kept), `ratio` (fraction of the layer's parameters kept, ranks in proportion to the
-channels) or method="vbmf" (empirical variational Bayesian matrix factorization on each mode's
-unfolding, as Kim et al. choose Tucker ranks); with allocation="sensitivity", `ratio` is a budget
-of parameters over all such layers, spread by their measured sensitivity on the calibration data
-or random inputs (graphopt.passes.sensitivity), and spent once: a graph that already holds
-factored layers is left as it is.
-Refuses, with the reason in stats: ranks whose three convolutions need no fewer MACs than the
-original (input and output resolution counted, so a strided Conv pays for its 1x1 at the input
-size), grouped and depthwise convolutions, 1x1 convolutions, a weight shared with another node
-or that is a graph output, a weight that is not floating point, and the core of an earlier
-factorization (a Conv between a bias-free 1x1 Conv and a 1x1 Conv), which keeps it idempotent.
-Guarantees: LOSSY(cosine >= 0.9), the bound the tests hold the random-weight ResNet builder to at
-ratio 0.5. Per layer, the reconstructed weight is the HOSVD projection of the original (stats:
-weight_error, its relative Frobenius error; energy, the fraction kept on each mode). At full ranks
-the output equals the original up to float rounding.
+Matches: Conv with group 1, a float constant weight and a kernel of more than one element (1-D,
+2-D or 3-D).
+Rewrites: the Conv into the three; the core keeps strides, pads, dilations and auto_pad, the last
+1x1 the bias and the node's name; ranks from `rank`, `energy`, `ratio` or method="vbmf", or a
+`ratio` budget spread by sensitivity (spent once).
+Refuses: ranks that save no MACs (input and output resolution counted), grouped, depthwise and
+1x1 convs, a shared or graph-output weight, a weight not floating point, the core of an earlier
+factorization.
+Guarantees: LOSSY(cosine >= 0.9) (random-weight ResNet at ratio 0.5); exact up to rounding at full
+multilinear rank; idempotent.
 Verified by: tests/passes/factorize/test_tucker.py against onnxruntime, and TVM compilation.
+Details: docs/passes/factorize-tucker.md.
 """
 from __future__ import annotations
 
@@ -28,13 +20,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir.cost import count
+from graphopt.ir.errors import Refused
 from graphopt.ir.graph import np_dtype, producer
 from graphopt.ir.verify import SHAPES_INFERRED, TOPOSORTED
 from graphopt.passes.base import LOSSY, PassInfo
 from graphopt.passes.factorize import lowrank
+from graphopt.passes.factorize.lowrank import Match, Plan
 from graphopt.passes.factorize.rank import Criterion, energy_kept, energy_rank, evbmf_rank, tucker_keep_ranks
-from graphopt.passes.weights import weight_refusal
-from graphopt.pattern import MatchResult, Rewriter
+from graphopt.passes.weights import check_weight
+from graphopt.pattern import Rewriter
 
 # The weight, and the left singular vectors and singular values of its output and input unfoldings.
 Decomposition = tuple[np.ndarray, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -44,19 +38,20 @@ class Options(lowrank.Options):
     pass_name = "factorize-tucker"
 
 
-def examine(graph: gs.Graph, node: gs.Node) -> MatchResult:
-    """Binds `weight`, or says why the Conv is not factored."""
+def examine(node: gs.Node, graph: gs.Graph) -> Match | None:
+    """Binds the weight; None for a Conv whose weight is computed at run time."""
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if not isinstance(weight, gs.Constant):
-        return MatchResult.no_match()
+        return None
     group = node.attrs.get("group", 1)
     if group != 1:
         kind = "depthwise" if group == weight.shape[0] and weight.shape[1] == 1 else "grouped"
-        return MatchResult.fail(f"{kind} convolution (group={group}): Tucker-2 needs group=1")
+        raise Refused(f"{kind} convolution (group={group}): Tucker-2 needs group=1")
     if count(weight.shape[2:]) <= 1:
-        return MatchResult.fail("1x1 convolution: no spatial kernel to factor around")
-    why = weight_refusal(graph, weight, "factorize") or _factored_core(node)
-    return MatchResult.fail(why) if why else MatchResult.ok(weight=weight)
+        raise Refused("1x1 convolution: no spatial kernel to factor around")
+    check_weight(graph, weight, "factorize")
+    _check_not_factored(node)
+    return Match(weight, 1)
 
 
 def _pointwise(node: gs.Node | None, bias_free: bool) -> bool:
@@ -67,13 +62,13 @@ def _pointwise(node: gs.Node | None, bias_free: bool) -> bool:
     return isinstance(w, gs.Constant) and count(w.shape[2:]) == 1 and not (bias_free and has_bias)
 
 
-def _factored_core(node: gs.Node) -> str | None:
+def _check_not_factored(node: gs.Node) -> None:
+    """Refuses the core of a factorization: a Conv between a bias-free 1x1 Conv and a 1x1 Conv."""
     x, out = node.inputs[0], node.outputs[0]
     if (_pointwise(producer(x), bias_free=True) and len(x.outputs) == 1 and len(out.outputs) == 1
             and _pointwise(out.outputs[0], bias_free=False)):
         names = f"'{producer(x).name}' and '{out.outputs[0].name}'"
-        return f"{lowrank.ALREADY_FACTORED}: the core between 1x1 convolutions {names}"
-    return None
+        raise Refused(f"{lowrank.ALREADY_FACTORED}: the core between 1x1 convolutions {names}")
 
 
 def unfold(w: np.ndarray, mode: int) -> np.ndarray:
@@ -110,13 +105,14 @@ def _positions_of(tensor: gs.Tensor) -> int | None:
     return count([d if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in dims])
 
 
-def decompose(node: gs.Node, m: MatchResult) -> Decomposition:
-    w = m["weight"].values.astype(np.float64)
+def decompose(node: gs.Node, match: Match) -> Decomposition:
+    w = match.weight.values.astype(np.float64)
     (u_out, s_out, _), (u_in, s_in, _) = (np.linalg.svd(unfold(w, mode), full_matrices=False) for mode in (0, 1))
     return w, (u_out, s_out), (u_in, s_in)
 
 
-def plan(node: gs.Node, m: MatchResult, decomposition: Decomposition, criterion: Criterion) -> lowrank.Plan | str:
+def truncate(node: gs.Node, match: Match, decomposition: Decomposition, criterion: Criterion) -> Plan:
+    """The HOSVD factors at the criterion's ranks; `Refused` when they need no fewer MACs."""
     w, (u_out, s_out), (u_in, s_in) = decomposition
     c_out, c_in, kernel = w.shape[0], w.shape[1], count(w.shape[2:])
     r_out, r_in = choose_ranks(w, (s_out, s_in), criterion)
@@ -124,7 +120,7 @@ def plan(node: gs.Node, m: MatchResult, decomposition: Decomposition, criterion:
     macs_before = p_out * c_out * c_in * kernel
     macs_after = p_in * c_in * r_in + p_out * (r_in * r_out * kernel + r_out * c_out)
     if macs_after >= macs_before:
-        return lowrank.no_saving(f"ranks out {r_out}, in {r_in} ({criterion.describe()})", "MACs",
+        raise lowrank.no_saving(f"ranks out {r_out}, in {r_in} ({criterion.describe()})", "MACs",
                                  macs_before, macs_after)
     u_out, u_in = u_out[:, :r_out], u_in[:, :r_in]
     core = np.einsum("oi...,or,is->rs...", w, u_out, u_in, optimize=True)
@@ -132,12 +128,12 @@ def plan(node: gs.Node, m: MatchResult, decomposition: Decomposition, criterion:
     error = np.sqrt(max(1.0 - float(np.sum(core**2) / max(np.sum(w**2), 1e-300)), 0.0))
     params = (c_out * c_in * kernel, c_in * r_in + r_in * r_out * kernel + r_out * c_out)
     energy = {"out": round(energy_kept(s_out, r_out), 6), "in": round(energy_kept(s_in, r_in), 6)}
-    return lowrank.Plan({"out": r_out, "in": r_in}, (u_in, core, u_out), params,
-                        (macs_before, macs_after), error, {"energy": energy})
+    return Plan(criterion, {"out": r_out, "in": r_in}, (u_in, core, u_out), params, (macs_before, macs_after), error,
+                {"energy": energy})
 
 
-def rewrite(rw: Rewriter, node: gs.Node, m: MatchResult, plan: lowrank.Plan) -> None:
-    weight, (x, _, *bias), out = m["weight"], node.inputs, node.outputs[0]
+def factor(rw: Rewriter, node: gs.Node, match: Match, plan: Plan) -> None:
+    weight, (x, _, *bias), out = match.weight, node.inputs, node.outputs[0]
     dtype = np_dtype(weight.dtype)
     u_in, core, u_out = (f.astype(dtype) for f in plan.factors)
     spatial = core.ndim - 2
@@ -152,7 +148,9 @@ def rewrite(rw: Rewriter, node: gs.Node, m: MatchResult, plan: lowrank.Plan) -> 
     rw.add_node("Conv", [x, first], [squeezed], pointwise, f"{name}_tucker_in")
     rw.add_node("Conv", [squeezed, rw.constant(f"{weight.name}_tucker_core", core)], [mixed], attrs,
                 f"{name}_tucker_core")
-    rw.add_node("Conv", [mixed, last, *bias], [out], pointwise, f"{name}_tucker_out")
+    # The 1x1 that writes the layer's output keeps its name (the detached node is dropped on
+    # commit), so include/exclude still find the layer on a second run, which refuses it.
+    rw.add_node("Conv", [mixed, last, *bias], [out], pointwise, name).name = name
 
 
 def _with_channels(tensor: gs.Tensor, channels: int) -> list | None:
@@ -167,5 +165,5 @@ class FactorizeTucker(lowrank.LowRankPass):
 
     examine = staticmethod(examine)
     decompose = staticmethod(decompose)
-    plan = staticmethod(plan)
-    rewrite = staticmethod(rewrite)
+    truncate = staticmethod(truncate)
+    factor = staticmethod(factor)

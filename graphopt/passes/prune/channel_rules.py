@@ -13,9 +13,11 @@ from dataclasses import replace
 
 import onnx_graphsurgeon as gs
 
+from graphopt.ir.errors import Refused
 from graphopt.ir.graph import is_graph_output, static_shape
 from graphopt.passes.prune.dependency import (FILTER, GAMMA, PARAM, DependencyGraph, Follow, Layout, Rule,
                                               Segment, Slice, Walk, bias_input)
+from graphopt.passes.weights import check_weight
 
 
 def analyze(graph: gs.Graph) -> DependencyGraph:
@@ -31,15 +33,15 @@ def _origin(t: gs.Tensor) -> str:
     return f"graph input '{t.name}'" if not t.inputs else f"'{t.name}' of {t.inputs[0].op} '{t.inputs[0].name}'"
 
 
-def _weight_problem(node: gs.Node, indices: tuple[int, ...]) -> str | None:
-    for i in indices:
-        if i >= len(node.inputs) or node.inputs[i].is_empty():
-            continue
-        t = node.inputs[i]
-        if not isinstance(t, gs.Constant):
-            return f"{node.op} '{node.name}' has a non-constant weight '{t.name}'"
-        if len(t.outputs) > 1:
-            return f"weight '{t.name}' is shared with another node"
+def _weight_problem(w: Walk, node: gs.Node, indices: tuple[int, ...]) -> str | None:
+    """Why the constants of `node` at `indices` may not be sliced (`check_weight`), or None: the
+    walk does not stop at a refused weight, it blocks the groups the node touches with the reason."""
+    try:
+        for i in indices:
+            if i < len(node.inputs) and not node.inputs[i].is_empty():
+                check_weight(w.graph, node.inputs[i], "prune")
+    except Refused as e:
+        return e.reason
     return None
 
 
@@ -61,7 +63,7 @@ def _conv(w: Walk, node: gs.Node) -> tuple[int, ...]:
         return ()
     group = node.attrs.get("group", 1)
     cout, cin = shape[0], shape[1] * group
-    problem = _weight_problem(node, (1, 2))
+    problem = _weight_problem(w, node, (1, 2))
     if group == 1:
         w.consume(node, (1, 1), 1, problem)
         w.produce(node, (1, 0), 1, cout, problem)
@@ -95,7 +97,7 @@ def _conv_transpose(w: Walk, node: gs.Node) -> tuple[int, ...]:
     shape = static_shape(node.inputs[1])
     if shape is None or len(shape) < 3 or node.attrs.get("group", 1) != 1:
         return ()
-    problem = _weight_problem(node, (1, 2))
+    problem = _weight_problem(w, node, (1, 2))
     w.consume(node, (1, 0), 1, problem)
     w.produce(node, (1, 1), 1, shape[1], problem)
     return (0,)
@@ -106,7 +108,7 @@ def _gemm(w: Walk, node: gs.Node) -> tuple[int, ...]:
     if shape is None or len(shape) != 2:
         return ()
     trans_b = node.attrs.get("transB", 0)
-    problem = _weight_problem(node, (1, 2))
+    problem = _weight_problem(w, node, (1, 2))
     transposed = node.attrs.get("transA", 0) and f"Gemm '{node.name}' reads its input transposed (transA=1)"
     w.consume(node, (1, 1 if trans_b else 0), 1, problem or transposed)
     w.produce(node, (1, 0 if trans_b else 1), 1, shape[0] if trans_b else shape[1], problem)
@@ -117,7 +119,7 @@ def _matmul(w: Walk, node: gs.Node) -> tuple[int, ...]:
     shape, rank = static_shape(node.inputs[1]), _rank(node.inputs[0])
     if not isinstance(node.inputs[1], gs.Constant) or shape is None or len(shape) != 2 or not rank or rank < 2:
         return ()
-    problem = _weight_problem(node, (1,))
+    problem = _weight_problem(w, node, (1,))
     w.consume(node, (1, 0), rank - 1, problem)
     w.produce(node, (1, 1), rank - 1, shape[1], problem)
     return (0,)

@@ -1,45 +1,21 @@
-"""prune-channels: structured filter pruning that removes channels from the graph, so the model gets
-smaller and faster in any runtime.
+"""prune-channels: structured pruning that removes channels (Li et al. 2017; DepGraph, Fang et al. 2023).
 
-Matches: groups of coupled channels found by the channel-dependency graph
-(`graphopt.passes.prune.dependency`): the output channels of a Conv, ConvTranspose, Gemm or
-MatMul with a constant weight, together with every channel axis tied to them through
-BatchNormalization, activations, pools, Dropout/Identity, residual Add/Mul/Sub (all branches
-lose the same indices), Concat (offsets mapped), depthwise Conv (its filters and `group` follow)
-and Flatten/Reshape into a Gemm (rows c*H*W..(c+1)*H*W-1 of channel c). With
-`allocation="uniform"` (the default) each group loses floor(ratio * channels) channels. With
-`allocation="sensitivity"`, `ratio` is a global budget instead: the fraction of the prunable MACs
-to remove (`budget_metric="params"`: of the prunable parameters), prunable MACs being those of
-the layers that read or write a prunable group's channels. Each group is pruned alone at each of
-`ratios` and compared with the untouched model in onnxruntime (on the calibration data, else
-random inputs; graphopt.passes.sensitivity); the budget goes first to the groups that lose the
-least cosine similarity per MAC, as close to the budget as whole channels allow (stats: the
-table, and the budget's prunable, target and removed). This assumes the groups' errors add up,
-which holds at moderate budgets: on the digits CNN it beats uniform pruning at 40-50% of the
-MACs, not at 75%, where both fall near chance without fine-tuning. Either way the channels kept
-are rounded up to a multiple of `round_to` and never fall below `min_channels`, and the least
-important go, importance being the sum over the group's layers of each filter's L1 or L2 norm,
-or of |gamma| of the BatchNormalizations on the channels (`criterion=bn_gamma`, network
-slimming). `round_to` is what turns fewer MACs into speed: onnxruntime's blocked (NCHWc)
-convolutions take channels in blocks of 8 (AVX2) or 16 (AVX-512) and pad or fall back to a slower
-kernel otherwise; see bench/prune_channels_latency.py. Options `include` and `exclude` take node
-names or fnmatch patterns: a group is pruned when one of its layers is included and none is
-excluded.
-Refuses, leaving the group whole and giving the reason in stats: channels that reach a graph
-output, pass through an op the analysis does not follow, or come from a graph input; weights
-shared with another node or not constant; dynamic shapes where a Flatten or Reshape needs them;
-bn_gamma on channels with no BatchNormalization.
-Guarantees: LOSSY(cosine >= 0.75), the bound the tests hold the bundled builders and the digits
-CNN to at the default ratio 0.25 (l1, uniform); larger ratios lose more without fine-tuning.
-Graph outputs keep their shapes; at ratio 0 the graph is unchanged.
-Verified by: tests/passes/prune/test_channels.py and test_dependency.py against onnxruntime
-(ResNet, bottleneck ResNet, MobileNet, MLP, Transformer builders, the digits CNN) and TVM.
+Matches: groups of coupled channels (graphopt.passes.prune.dependency): a layer's output channels
+and every axis tied to them (norms, activations, pools, residual joins, Concat, depthwise Conv,
+Flatten into a Gemm); a group is pruned when one of its layers is included and none excluded.
+Rewrites: each group's constants, attributes and shapes down to the channels kept, so the model
+runs faster anywhere: floor(ratio * channels) go (uniform), or `ratio` of the prunable MACs spread
+by sensitivity; the least important (L1, L2, BN |gamma|) go; counts are multiples of `round_to`.
+Refuses: channels reaching a graph output or an op not followed; weights not constant, shared or
+not floating point; dynamic shapes a Reshape needs; bn_gamma without BatchNormalization.
+Guarantees: LOSSY(cosine >= 0.75) at ratio 0.25 (l1, uniform); output shapes unchanged; ratio 0
+changes nothing; not idempotent. Measurements: docs/passes/prune-channels.md.
+Verified by: tests/passes/prune/test_channels.py, test_dependency.py (onnxruntime, TVM).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Callable
 
 import numpy as np
@@ -50,7 +26,8 @@ from graphopt.ir.data import input_specs, random_feeds
 from graphopt.ir.errors import PipelineError
 from graphopt.ir.verify import SHAPES_INFERRED, TOPOSORTED
 from graphopt.passes import sensitivity
-from graphopt.passes.base import LOSSY, Pass, PassContext, PassInfo, PassResult
+from graphopt.passes.base import (LOSSY, LayerFilter, LayerOptions, LayerPass, PassContext, PassInfo, PassResult,
+                                  Refused, option)
 from graphopt.passes.prune.channel_rules import analyze
 from graphopt.passes.prune.dependency import FILTER, GAMMA, INPUT, DependencyGraph, Group, Segment, Slice
 from graphopt.pattern import Rewriter
@@ -61,16 +38,18 @@ BUDGET_METRICS = ("macs", "params")
 
 
 @dataclass(frozen=True)
-class Options:
-    ratio: float = 0.25
-    criterion: str = "l1"
-    round_to: int = 1
-    min_channels: int = 1
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    allocation: str = "uniform"
-    budget_metric: str = "macs"
-    ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
+class Options(LayerOptions):
+    ratio: float = option(0.25, "fraction of each group's channels removed; with allocation='sensitivity', "
+                                "of the prunable MACs (or parameters)")
+    criterion: str = option("l1", "channel importance: 'l1' or 'l2' norm of the filters, or 'bn_gamma' "
+                                  "(|gamma| of the BatchNormalizations, network slimming)")
+    round_to: int = option(1, "kept channels are a multiple of this (8 or 16 suit blocked CPU kernels)")
+    min_channels: int = option(1, "never keep fewer channels in a group")
+    allocation: str = option("uniform", "'uniform': the same ratio per group; 'sensitivity': `ratio` as a "
+                                        "budget spread by measured sensitivity")
+    budget_metric: str = option("macs", "what allocation='sensitivity' counts: 'macs' or 'params'")
+    ratios: tuple[float, ...] = option((0.25, 0.5, 0.75, 0.9),
+                                       "fractions of channels each group is measured at for allocation='sensitivity'")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -90,68 +69,72 @@ class Options:
 
 @dataclass
 class Survey:
-    """A graph's channel groups, each group's channel importance, and why some stay whole."""
+    """A graph's channel dependencies, each group's channel importance, and the groups to prune."""
     dg: DependencyGraph
     scores: dict[int, np.ndarray]
-    groups: list[Group]  # those with layers
-    refused: dict[int, str]
-
-    @property
-    def prunable(self) -> list[Group]:
-        return [g for g in self.groups if g.id not in self.refused]
+    groups: list[Group]  # neither refused nor left out by the options
 
 
-class PruneChannels(Pass):
+class PruneChannels(LayerPass):
+    """A LayerPass whose layers are channel groups, not nodes: `survey` examines them, the plan is
+    the channels each keeps, and `run` rewrites all groups at once, since one constant (a Concat's
+    consumer, a broadcast operand) may hold the channels of several."""
+
     name = "prune-channels"
     info = PassInfo(LOSSY("cosine", 0.75), requires=frozenset({TOPOSORTED, SHAPES_INFERRED}),
                     idempotent=False)  # each run removes `ratio` of what is left
     Options = Options
+    ops = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
+        result = PassResult(False, {"allocation": o.allocation})
         before = _cost(graph)
-        survey = self._survey(graph)
+        survey = self.survey(graph, result)
         model = CostModel(survey.dg, o.budget_metric)
-        prunable = model.removed(dict.fromkeys((g.id for g in survey.prunable), 0))
-        stats: dict = {"allocation": o.allocation}
+        prunable = model.removed(dict.fromkeys((g.id for g in survey.groups), 0))
         budget = {"metric": o.budget_metric, "prunable": round(prunable)}
         if o.allocation == "uniform":
-            keep = {g.id: kept_count(g, o.ratio, o) for g in survey.prunable}
+            keep = {g.id: kept_count(g, o.ratio, o) for g in survey.groups}
         else:
             budget["target"] = round(o.ratio * prunable)
-            keep = self._by_sensitivity(graph, survey, model, o.ratio * prunable, ctx, stats)
-        plan = {g.id: select(survey.scores[g.id], keep[g.id], g.divisions) for g in survey.prunable
+            keep = self._by_sensitivity(graph, survey, model, o.ratio * prunable, ctx, result.stats)
+        plan = {g.id: select(survey.scores[g.id], keep[g.id], g.divisions) for g in survey.groups
                 if keep.get(g.id, g.channels) < g.channels}
         if plan:
             apply(Rewriter(graph), survey.dg, plan)
         after = _cost(graph)
-        stats.update({"groups": _rows(survey, keep), "pruned_groups": len(plan),
-                      "refused": [{"node": ", ".join(g.layers), "reason": survey.refused[g.id]}
-                                  for g in survey.groups if g.id in survey.refused],
-                      "macs": [before[0], after[0]], "params": [before[1], after[1]],
-                      "budget": {**budget, "removed": round(model.removed(keep))}})
-        return PassResult(bool(plan), stats)
+        result.modified = bool(plan)
+        result.decisions = {group_name(g): {"layers": list(g.layers),
+                                            "channels": [g.channels, keep.get(g.id, g.channels)]}
+                            for g in survey.groups}
+        budget["removed"] = round(model.removed(keep))
+        result.stats.update({"pruned_groups": len(plan), "macs": [before[0], after[0]],
+                             "params": [before[1], after[1]], "budget": budget})
+        return result
 
-    def _survey(self, graph: gs.Graph) -> Survey:
+    def survey(self, graph: gs.Graph, result: PassResult) -> Survey:
+        """The groups to prune; those refused or left out by the options are recorded in `result`."""
+        chosen = self.layer_filter()
+        chosen.check(self.name, self.candidates(graph))
         dg = analyze(graph)
         scores = importance(dg, self.options.criterion)
+        nodes = {n.name: n for n in graph.nodes}
+        groups = []
         # A group without layers holds the channels of a graph input or of a Concat operand
         # nothing follows: there is nothing to prune, and nothing to report.
-        groups = [g for g in dg.groups() if g.layers]
-        refused = {g.id: why for g in groups if (why := self._refusal(g, scores))}
-        return Survey(dg, scores, groups, refused)
-
-    def _refusal(self, group: Group, scores: dict[int, np.ndarray]) -> str | None:
-        o = self.options
-        if group.blocked:
-            return "; ".join(group.reasons)
-        if any(fnmatchcase(n, p) for n in group.layers for p in o.exclude):
-            return "excluded by option exclude"
-        if o.include and not any(fnmatchcase(n, p) for n in group.layers for p in o.include):
-            return "not named by option include"
-        if group.id not in scores:
-            return "criterion bn_gamma: no BatchNormalization scales these channels"
-        return None
+        for group in (g for g in dg.groups() if g.layers):
+            why = left_out(chosen, [nodes[name] for name in group.layers])
+            if why:
+                result.skip(group_name(group), why)
+                continue
+            try:
+                check_group(group, scores)
+            except Refused as e:
+                result.refuse(group_name(group), e.reason)
+                continue
+            groups.append(group)
+        return Survey(dg, scores, groups)
 
     def _by_sensitivity(self, graph: gs.Graph, survey: Survey, model: CostModel, target: float,
                         ctx: PassContext, stats: dict) -> dict[int, int]:
@@ -162,24 +145,42 @@ class PruneChannels(Pass):
         layers = _layers(graph, survey, model)
         table = sensitivity.analyze(graph, layers, self.apply_layer, self.options.ratios, feeds, progress=report)
         stats["sensitivity"] = table.as_dict()
-        return fit_budget(table, {group_name(g): g for g in survey.prunable}, model.removed, target, self.options)
+        return fit_budget(table, {group_name(g): g for g in survey.groups}, model.removed, target, self.options)
 
     # -- sensitivity.Layerwise: a layer is a channel group; the ratio, its channels removed -------
     def layers(self, graph: gs.Graph) -> list[sensitivity.Layer]:
         """The prunable groups, each sized by the MACs (or parameters) it removes per unit ratio."""
-        survey = self._survey(graph)
+        survey = self.survey(graph, PassResult(False))
         return _layers(graph, survey, CostModel(survey.dg, self.options.budget_metric))
 
     def apply_layer(self, graph: gs.Graph, layer: sensitivity.Layer, ratio: float) -> None:
-        survey = self._survey(graph)
-        group = next(g for g in survey.prunable if group_name(g) == layer.name)
+        survey = self.survey(graph, PassResult(False))
+        group = next(g for g in survey.groups if group_name(g) == layer.name)
         keep = kept_count(group, ratio, self.options)
         if keep < group.channels:
             apply(Rewriter(graph), survey.dg, {group.id: select(survey.scores[group.id], keep, group.divisions)})
 
 
+def left_out(chosen: LayerFilter, layers: list[gs.Node]) -> str | None:
+    """Why the options leave a group whole: one of its layers is excluded, or none is included."""
+    if any(chosen.matches(p, n) for p in chosen.exclude for n in layers):
+        return "excluded"
+    if chosen.include and not any(chosen.matches(p, n) for p in chosen.include for n in layers):
+        return "not in include"
+    return None
+
+
+def check_group(group: Group, scores: dict[int, np.ndarray]) -> None:
+    """Raises `Refused` when the group must stay whole."""
+    if group.blocked:
+        raise Refused("; ".join(group.reasons))
+    if group.id not in scores:
+        raise Refused("criterion bn_gamma: no BatchNormalization scales these channels")
+
+
 def group_name(group: Group) -> str:
-    """A group's name in sensitivity tables: its layers, which stay the same on a copy of the graph."""
+    """A group's name in decisions, refusals and sensitivity tables: its layers, which stay the
+    same on a copy of the graph."""
     return "+".join(group.layers)
 
 
@@ -188,17 +189,7 @@ def _layers(graph: gs.Graph, survey: Survey, model: CostModel) -> list[sensitivi
     # The cost is multilinear in the kept fractions, so emptying a group alone removes exactly
     # what one unit of its ratio is worth while the other groups stay whole.
     return [sensitivity.Layer(group_name(g), ops[g.layers[0]], round(model.removed({g.id: 0})))
-            for g in survey.prunable]
-
-
-def _rows(survey: Survey, keep: dict[int, int]) -> list[dict]:
-    rows = []
-    for g in survey.groups:
-        why = survey.refused.get(g.id)
-        rows.append({"layers": g.layers, "channels": [g.channels, g.channels if why else keep.get(g.id, g.channels)]})
-        if why:
-            rows[-1]["reason"] = why
-    return rows
+            for g in survey.groups]
 
 
 def kept_count(group: Group, ratio: float, options: Options) -> int:

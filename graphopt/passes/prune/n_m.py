@@ -1,20 +1,15 @@
-"""prune-n-m: N:M semi-structured sparsity (2:4 by default): in every group of M consecutive
-weights along the reduction axis, only the N largest in magnitude are kept.
+"""prune-n-m: N:M semi-structured sparsity, 2:4 by default (NVIDIA ASP; Mishra et al. 2021).
 
-Matches: Conv, ConvTranspose, Gemm and MatMul with a floating-point constant weight (the layers
-of prune-magnitude, chosen by the same `include` / `exclude` / `skip_first` / `skip_last`). The
-groups run along the axis each output sums over, as NVIDIA's sparse tensor cores (and its ASP
-library) take them: for Conv the input channels of a group, at each output channel and kernel
-position (a group never spans two kernel taps); for ConvTranspose its input channels; for Gemm
-and MatMul the K axis of the weight operand.
-Refuses, with the reason in stats, a layer whose reduction size (input channels per group for
-convolutions, K otherwise) is not a multiple of M, and, as prune-magnitude does, a weight shared
-with another node, a graph output, or a weight that is not floating point. Biases are never pruned.
-Guarantees: LOSSY(cosine >= 0.8), the bound the tests hold the bundled builders (random weights,
-the worst case) and the digits CNN to at 2:4; every group of M holds at most N non-zeros;
-idempotent.
+Matches: the layers of prune-magnitude (same `include` / `exclude` / `skip_first` / `skip_last`).
+Rewrites: in every run of M consecutive weights along the axis each output sums over, all but the
+N largest magnitudes to zero, as sparse tensor cores take them: Conv input channels at each output
+channel and kernel tap, ConvTranspose input channels, the K axis of Gemm and MatMul. Biases stay.
+Refuses: a layer whose reduction size (input channels per group for convolutions, K otherwise)
+is not a multiple of M; as prune-magnitude, a weight shared, a graph output, or not floating point.
+Guarantees: LOSSY(cosine >= 0.8) at 2:4 (bundled builders, digits CNN); every run of M holds at
+most N non-zeros; idempotent.
 Verified by: tests/passes/prune/test_n_m.py against onnxruntime, reading the pattern back from the
-saved model.
+saved model with reduction axes written out per op.
 """
 from __future__ import annotations
 
@@ -25,8 +20,8 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir.errors import PipelineError
 from graphopt.ir.verify import TOPOSORTED
-from graphopt.passes.base import LOSSY, Pass, PassContext, PassInfo, PassResult
-from graphopt.passes.prune.magnitude import Prunable, select_layers
+from graphopt.passes.base import LOSSY, PassContext, PassInfo, PassResult, Refused, option
+from graphopt.passes.prune.magnitude import Prunable, WeightOptions, WeightPruning
 from graphopt.pattern import Rewriter
 
 
@@ -59,55 +54,37 @@ def keep_n_of_m(values: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Options:
-    n: int = 2
-    m: int = 4
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    skip_first: bool = False
-    skip_last: bool = False
+class Options(WeightOptions):
+    n: int = option(2, "weights kept in each run of m")
+    m: int = option(4, "length of the runs along the reduction axis")
 
     def __post_init__(self):
         if not 0 < self.n < self.m:
             raise PipelineError(f"prune-n-m: need 0 < n < m (got n={self.n}, m={self.m})")
 
 
-class PruneNM(Pass):
+class PruneNM(WeightPruning):
     name = "prune-n-m"
     info = PassInfo(LOSSY("cosine", 0.8), requires=frozenset({TOPOSORTED}))
     Options = Options
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        o = self.options
-        selection = select_layers(graph, o.include, o.exclude, o.skip_first, o.skip_last)
-        rw = Rewriter(graph)
-        refused, layers, zeroed = list(selection.refused), {}, 0
-        for layer in selection.layers:
-            why = self._refusal(layer)
-            if why:
-                refused.append({"node": layer.node.name, "reason": why})
-                continue
-            before = layer.zeros()
-            weight = layer.tensors[0]
-            values = weight.values
-            axis = reduction_axis(layer.node, layer.inputs[0], values.ndim)
-            pruned = keep_n_of_m(values, axis, o.n, o.m)
-            if not np.array_equal(pruned, values):
-                rw.set_values(weight, pruned)
-            zeroed += layer.zeros() - before
-            layers[layer.node.name] = {"op": layer.node.op, "params": layer.size,
-                                       "sparsity": round(layer.zeros() / layer.size, 4)}
-        if rw.changes:
-            rw.commit()
-        stats = {"pattern": f"{o.n}:{o.m}", "params_zeroed": zeroed, "layers": layers,
-                 "refused": refused, "skipped": selection.skipped}
-        return PassResult(rw.changes > 0, stats)
-
-    def _refusal(self, layer: Prunable) -> str | None:
-        node, shape = layer.node, layer.tensors[0].shape
-        axis = reduction_axis(node, layer.inputs[0], len(shape))
-        length = group_size(node, shape[axis])
+    def examine(self, node: gs.Node, graph: gs.Graph) -> Prunable:
+        target = super().examine(node, graph)
+        shape = target.tensors[0].shape
+        length = group_size(node, shape[reduction_axis(node, target.inputs[0], len(shape))])
         if length % self.options.m:
-            return (f"reduction size {length} of {node.op} '{node.name}' is not a multiple of "
-                    f"{self.options.m}")
-        return None
+            raise Refused(f"reduction size {length} of {node.op} '{node.name}' is not a multiple of {self.options.m}")
+        return target
+
+    def prune(self, rw: Rewriter, target: Prunable, plan: Prunable) -> None:
+        weight = target.tensors[0]
+        values = weight.values
+        pruned = keep_n_of_m(values, reduction_axis(target.node, target.inputs[0], values.ndim),
+                             self.options.n, self.options.m)
+        if not np.array_equal(pruned, values):
+            rw.set_values(weight, pruned)
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = super().run(graph, ctx)
+        result.stats["pattern"] = f"{self.options.n}:{self.options.m}"
+        return result

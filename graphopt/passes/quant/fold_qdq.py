@@ -1,23 +1,19 @@
-"""fold-qdq: store fake-quantized weights as integers, and drop DequantizeLinear->QuantizeLinear
-round trips.
+"""fold-qdq: store fake-quantized weights as integers, and drop DequantizeLinear->QuantizeLinear round trips.
 
-Matches: (1) QuantizeLinear of a float32 constant with constant float32 scale and zero point,
-per-tensor or per-axis, to int8, uint8, int16, uint16, int4 or uint4 (the fake-quant weights that
-quantization-aware training exports): the node is replaced by the integer constant it computes,
-so its readers (DequantizeLinear) read stored integers and the weight takes a quarter of the space.
-(2) QuantizeLinear reading a DequantizeLinear with the same scale, zero point, type and axis: the
-pair is the identity on the integers, so the QuantizeLinear's readers read the DequantizeLinear's
-input (a Q->DQ->Q chain collapses to its first Q).
-Refuses, with the reason in stats: a weight also read by a node other than QuantizeLinear (it stays
-float, since storing it twice would grow the model), a scale or zero point computed at run time, a
-QuantizeLinear whose output is a graph output (it cannot become a constant), a weight or scale that
-is not float32, blocked quantization, and other quantized types.
-Guarantees: EXACT, bit for bit. The integers are computed as onnxruntime's QuantizeLinear computes
-them: float32 x / scale, rounded half to even, plus the zero point, saturated to the type. For (2),
-(q - z) * s / s rounds back to q for |q| < 2^16 and a normal, finite scale, which the match checks.
-NO_WEIGHT_QDQ holds afterwards when nothing was refused; it is not declared in `ensures` because a
-refusal leaves a QuantizeLinear on a constant on purpose.
-Verified by: tests/passes/quant/test_fold_qdq.py against onnxruntime.
+Matches: (1) QuantizeLinear of a float32 constant with constant float32 scale and zero point, per
+tensor or per axis, to int8, uint8, int16, uint16, int4 or uint4 (the fake-quant weights that
+quantization-aware training exports); (2) QuantizeLinear reading a DequantizeLinear with the same
+scale, zero point, type and axis.
+Rewrites: (1) the node becomes the integer constant it computes, which its readers (DequantizeLinear)
+read, so the weight takes a quarter of the space; (2) the QuantizeLinear's readers read the
+DequantizeLinear's input (a Q->DQ->Q chain collapses to its first Q).
+Refuses: a weight also read by a node other than QuantizeLinear (storing it twice would grow the
+model), a scale or zero point computed at run time, a QuantizeLinear whose output is a graph
+output, a weight or scale that is not float32, blocked quantization, and other quantized types.
+Guarantees: EXACT, bit for bit: the integers are onnxruntime's (float32 x / scale, rounded half to
+even, plus the zero point, saturated); (q - z) * s / s rounds back to q for |q| < 2^16 and a normal,
+finite scale, which (2) checks. Idempotent. NO_WEIGHT_QDQ holds after a run that refused nothing.
+Verified by: tests/passes/quant/test_fold_qdq.py against onnxruntime (sizes: docs/passes/fold-qdq.md).
 """
 from __future__ import annotations
 
@@ -30,9 +26,10 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from graphopt.ir.errors import Refused
 from graphopt.ir.graph import constant_nbytes, is_graph_output, np_dtype, producer
 from graphopt.passes.base import EXACT, PassContext, PassInfo, PassResult, RewritePass
-from graphopt.pattern import MatchResult, Rewriter, Rule, apply_rules, replacement_refusal
+from graphopt.pattern import MatchResult, Rewriter, Rule, check_replacement
 
 # ONNX type -> (lowest, highest, numpy type the integers are stored as).
 QTYPES: dict[int, tuple[int, int, type]] = {
@@ -66,31 +63,31 @@ def onnx_type(tensor: gs.Tensor) -> int | None:
     return onnx.helper.np_dtype_to_tensor_dtype(np_dtype(tensor.dtype))
 
 
-def qparams(node: gs.Node, rank: int | None, qtype: int | None) -> QParams | str:
-    """The parameters of a Q or DQ node, or why they cannot be read. `qtype` is the integer side's
-    type when the node has no zero point to say it (a DequantizeLinear's input)."""
+def qparams(node: gs.Node, rank: int | None, qtype: int | None) -> QParams:
+    """The parameters of a Q or DQ node; raises `Refused` when they cannot be read. `qtype` is the
+    integer side's type when the node has no zero point to say it (a DequantizeLinear's input)."""
     scale, zero = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
     if not isinstance(scale, gs.Constant):
-        return f"scale '{scale.name}' of {node.op} '{node.name}' is computed at run time"
+        raise Refused(f"scale '{scale.name}' of {node.op} '{node.name}' is computed at run time")
     if zero is not None and not zero.is_empty() and not isinstance(zero, gs.Constant):
-        return f"zero point '{zero.name}' of {node.op} '{node.name}' is computed at run time"
+        raise Refused(f"zero point '{zero.name}' of {node.op} '{node.name}' is computed at run time")
     if node.attrs.get("block_size", 0):
-        return f"{node.op} '{node.name}' uses blocked quantization, which fold-qdq does not fold"
+        raise Refused(f"{node.op} '{node.name}' uses blocked quantization, which fold-qdq does not fold")
     s = scale.values
     if s.dtype != np.float32:
-        return f"scale of {node.op} '{node.name}' is {s.dtype}; only float32 scales are folded"
+        raise Refused(f"scale of {node.op} '{node.name}' is {s.dtype}; only float32 scales are folded")
     if zero is not None and not zero.is_empty():
         qtype, z = onnx_type(zero), zero.values
     elif node.op == "DequantizeLinear":
         if qtype is None:
-            return f"type of '{node.inputs[0].name}' is unknown and '{node.name}' has no zero point to tell it"
+            raise Refused(f"type of '{node.inputs[0].name}' is unknown and '{node.name}' has no zero point to tell it")
         z = np.zeros(s.shape, np.int64)
     else:
         qtype = node.attrs.get("output_dtype") or TensorProto.UINT8  # the spec's default
         z = np.zeros(s.shape, np.int64)
     if qtype not in QTYPES:
         name = TensorProto.DataType.Name(qtype) if qtype else "unknown"
-        return f"{node.op} '{node.name}' quantizes to {name}; fold-qdq folds {_type_names()}"
+        raise Refused(f"{node.op} '{node.name}' quantizes to {name}; fold-qdq folds {_type_names()}")
     return QParams(s, z, qtype, _axis(node, s, rank))
 
 
@@ -129,22 +126,20 @@ def match_weight(node: gs.Node, graph: gs.Graph) -> MatchResult:
         return MatchResult.no_match()
     out = node.outputs[0]
     if is_graph_output(graph, out):
-        return MatchResult.fail(f"output '{out.name}' of QuantizeLinear '{node.name}' is a graph output")
+        raise Refused(f"output '{out.name}' of QuantizeLinear '{node.name}' is a graph output")
     others = [n for n in weight.outputs if n.op != "QuantizeLinear"]
     if others or is_graph_output(graph, weight):
         reader = f"{others[0].op} '{others[0].name}'" if others else "the graph outputs"
-        return MatchResult.fail(f"weight '{weight.name}' is shared with {reader}; it stays float")
+        raise Refused(f"weight '{weight.name}' is shared with {reader}; it stays float")
     w = weight.values
     if w.dtype != np.float32:
-        return MatchResult.fail(f"weight '{weight.name}' is {w.dtype}; only float32 weights are folded")
+        raise Refused(f"weight '{weight.name}' is {w.dtype}; only float32 weights are folded")
     if np.isnan(w).any():
-        return MatchResult.fail(f"weight '{weight.name}' holds NaN, which has no integer value")
+        raise Refused(f"weight '{weight.name}' holds NaN, which has no integer value")
     p = qparams(node, w.ndim, None)
-    if isinstance(p, str):
-        return MatchResult.fail(p)
     if p.axis is not None and (p.axis >= w.ndim or w.shape[p.axis] != p.scale.size):
-        return MatchResult.fail(f"QuantizeLinear '{node.name}' has {p.scale.size} scales for axis "
-                                f"{p.axis} of weight '{weight.name}' {list(w.shape)}")
+        raise Refused(f"QuantizeLinear '{node.name}' has {p.scale.size} scales for axis {p.axis} of weight "
+                      f"'{weight.name}' {list(w.shape)}")
     return MatchResult.ok(weight=w, params=p)
 
 
@@ -160,18 +155,14 @@ def match_round_trip(node: gs.Node, graph: gs.Graph) -> MatchResult:
         return MatchResult.no_match()
     source = dq.inputs[0]
     rank = None if source.shape is None else len(source.shape)
-    first = qparams(dq, rank, onnx_type(source))
-    second = qparams(node, rank, None)
-    for p in (first, second):
-        if isinstance(p, str):
-            return MatchResult.fail(p)
+    first, second = qparams(dq, rank, onnx_type(source)), qparams(node, rank, None)
     if not first.same_as(second):
-        return MatchResult.fail(f"DequantizeLinear '{dq.name}' and QuantizeLinear '{node.name}' "
-                                "differ in scale, zero point, type or axis")
+        raise Refused(f"DequantizeLinear '{dq.name}' and QuantizeLinear '{node.name}' "
+                      "differ in scale, zero point, type or axis")
     if not _round_trips(first.scale):
-        return MatchResult.fail(f"scale of '{dq.name}' is zero, subnormal or not finite")
-    why = replacement_refusal(graph, node.outputs[0], source)
-    return MatchResult.fail(why) if why else MatchResult.ok(source=source)
+        raise Refused(f"scale of '{dq.name}' is zero, subnormal or not finite")
+    check_replacement(graph, node.outputs[0], source)
+    return MatchResult.ok(source=source)
 
 
 def _round_trips(scale: np.ndarray) -> bool:
@@ -195,9 +186,9 @@ class FoldQDQ(RewritePass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         before = _constant_bytes(graph)
-        stats = apply_rules(graph, self.rules)
-        sizes = {"before": before, "after": _constant_bytes(graph)}
-        return PassResult(stats.modified, {**stats.as_dict(), "constant_bytes": sizes})
+        result = super().run(graph, ctx)
+        result.stats["constant_bytes"] = {"before": before, "after": _constant_bytes(graph)}
+        return result
 
 
 def _constant_bytes(graph: gs.Graph) -> int:

@@ -1,30 +1,18 @@
-"""quantize: post-training int8 quantization in the QDQ format onnxruntime runs.
+"""quantize: post-training int8 quantization, in the QDQ format onnxruntime runs (Jacob et al. 2018).
 
-Matches: Conv, Gemm and MatMul nodes whose weight (input 1) is a floating-point constant, chosen
-by `include` / `exclude` (node names or op types) and not kept in float by `keep_float`.
-Rewrites: the weight becomes an int8 initializer behind DequantizeLinear, symmetric and
-per output channel (axis 0 for Conv, the output axis of a Gemm/MatMul weight) or per tensor
-(`per_channel=false`); a 1-D bias becomes int32 with scale = input scale x weight scale behind
-DequantizeLinear; a QuantizeLinear->DequantizeLinear pair goes on the activation input and on the
-output of each matched node (on the following Relu's output instead when a Relu is the output's
-only reader, as int8 runtimes fuse it). Pass-through ops (MaxPool, Relu, Reshape, Flatten, Concat)
-with quantized inputs get a pair on their output too, sharing one scale with their inputs.
-Activation ranges come from calibration (graphopt.passes.quant.calibrate) on `ctx.feeds`, or on
-random inputs with a warning in stats; `calibration` picks minmax, percentile, entropy or mse.
-Activations are int8 symmetric (`activation_type="int8"`, zero point 0) or uint8 asymmetric.
-Graph outputs stay float. `bias_correction` folds the mean output shift the weight rounding
-causes (measured on the calibration data) into the bias. `keep_float` keeps the N layers whose
-quantization alone costs most (SQNR of the outputs, one layer at a time) in float; "auto" keeps
-those that cost 10 dB more than the median layer.
-Refuses, with the reason in stats: a weight shared with another node or that is a graph output,
-a constant left operand of Gemm/MatMul, opsets below 13 (per-axis DequantizeLinear), and every
-layer of a graph that already holds DequantizeLinear (quantized, or fake-quant from training).
-Stats: per layer, the weight SQNR and the SQNR of the layer's output in the quantized model
-against the float model (errors accumulate down the graph), on up to 64 calibration samples.
-Guarantees: LOSSY(cosine >= 0.99): the bound tests hold the bundled builders (random weights and
-inputs; the worst measured is 0.998, the MLP with entropy calibration) and the digits CNN to; on
-the digits CNN the accuracy drop is under 0.5 point and at least onnxruntime's quantize_static's.
-Verified by: tests/passes/quant/test_quantize.py against onnxruntime and its quantizer.
+Matches: Conv, Gemm and MatMul whose weight (input 1) is a floating-point constant, by include/exclude.
+Rewrites: the weight to int8 behind DequantizeLinear, symmetric, per output channel or per tensor;
+a 1-D bias to int32 at scale input x weight; a Q->DQ pair on each layer's input and output (after
+a lone following Relu, which int8 runtimes fuse) and on pass-through ops (MaxPool, Relu, Reshape,
+Flatten, Concat), which share their inputs' scale. Activation ranges come from calibration on
+ctx.feeds (random inputs, with a warning, without); int8 symmetric or uint8 asymmetric. Graph outputs
+stay float. keep_float keeps the layers whose quantization alone costs most in float;
+bias_correction folds weight rounding's mean output shift into the bias (Nagel et al. 2019).
+Refuses: a weight shared or that is a graph output, a constant left operand, opsets below 13, and
+every layer of a graph that already holds DequantizeLinear (quantized, or fake-quant).
+Guarantees: LOSSY(cosine >= 0.99) on the builders and the digits CNN (docs/passes/quantize.md).
+Decisions: per layer, weight SQNR and output SQNR against the float model, keep_float's choice.
+Verified by: tests/passes/quant/test_quantize.py, tests/passes/quant/test_negative_activations.py.
 """
 from __future__ import annotations
 
@@ -37,11 +25,12 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import fidelity, ort
 from graphopt.ir.data import input_specs, random_feeds
 from graphopt.ir.errors import PipelineError
-from graphopt.ir.graph import attr, is_graph_output, opset
+from graphopt.ir.graph import attr, is_graph_output, opset, producer
 from graphopt.ir.verify import TOPOSORTED
-from graphopt.passes.base import LOSSY, Pass, PassContext, PassInfo, PassResult
+from graphopt.passes.base import (LOSSY, Layer, LayerOptions, LayerPass, PassContext, PassInfo, PassResult, Refused,
+                                  option)
 from graphopt.passes.quant import calibrate as cal
-from graphopt.passes.weights import weight_refusal
+from graphopt.passes.weights import check_weight
 from graphopt.pattern import Rewriter
 
 QUANTIZED = ("Conv", "Gemm", "MatMul")
@@ -50,16 +39,15 @@ ERROR_SAMPLES = 64
 
 
 @dataclass(frozen=True)
-class Options:
-    calibration: str = "minmax"
-    percentile: float = 99.99
-    activation_type: str = "int8"
-    per_channel: bool = True
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    bias_correction: bool = False
-    keep_float: int | str = 0
-    batch_size: int = 32
+class Options(LayerOptions):
+    calibration: str = option("minmax", f"activation range calibration: {', '.join(cal.METHODS)}")
+    percentile: float = option(99.99, "percentile of |x| that calibration=percentile keeps")
+    activation_type: str = option("int8", "activations int8 (symmetric, zero point 0) or uint8 (asymmetric)")
+    per_channel: bool = option(True, "one weight scale per output channel; false: one per weight")
+    bias_correction: bool = option(False, "fold the mean output shift that weight rounding causes into the bias")
+    keep_float: int | str = option(0, "keep in float the N layers whose quantization alone costs most "
+                                      "(output SQNR); 'auto': those 10 dB below the median layer")
+    batch_size: int = option(32, "samples per onnxruntime run during calibration")
 
     def __post_init__(self):
         if self.calibration not in cal.METHODS:
@@ -77,42 +65,19 @@ class QParams:
     zero_point: np.ndarray  # int8 / uint8 / int32, same shape
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's input scale (None: its input stays float), the activations its rewrite puts a
+    Q->DQ pair on, bias_correction's shift and keep_float's choice."""
+    input_scale: np.ndarray | None
+    pairs: list[tuple[gs.Variable, QParams]]
+    shift: np.ndarray | None
+    choice: dict
+
+
 def weight_axis(node: gs.Node) -> int:
-    """The output-channel axis of the node's weight (input 1)."""
-    w = node.inputs[1]
-    if node.op == "Conv":
-        return 0
-    if node.op == "Gemm":
-        return 0 if attr(node, "transB", 0) else 1
-    return len(w.shape) - 1
-
-
-def select(graph: gs.Graph, o: Options) -> tuple[list[gs.Node], list[dict], list[dict]]:
-    """(layers to quantize, refused with reasons, skipped by the options)."""
-    layers, refused, skipped = [], [], []
-    for node in graph.nodes:
-        if node.op not in QUANTIZED or node.domain not in ("", "ai.onnx", None) or len(node.inputs) < 2:
-            continue
-        weight = node.inputs[1]
-        if not isinstance(weight, gs.Constant):
-            if isinstance(node.inputs[0], gs.Constant):
-                refused.append({"node": node.name, "reason": "constant left operand (only input 1 is quantized as a weight)"})
-            continue  # an activation x activation product, or already quantized
-        if (o.include and node.name not in o.include and node.op not in o.include) \
-                or node.name in o.exclude or node.op in o.exclude:
-            skipped.append({"node": node.name, "reason": "excluded by include/exclude"})
-            continue
-        why = weight_refusal(graph, weight, "quantize")
-        if why:
-            refused.append({"node": node.name, "reason": why})
-        else:
-            layers.append(node)
-    known = {n.name for n in graph.nodes if n.op in QUANTIZED} | set(QUANTIZED)
-    unknown = sorted(set(o.include + o.exclude) - known)
-    if unknown:
-        raise PipelineError(f"quantize: include/exclude: no Conv/Gemm/MatMul node or op named {', '.join(unknown)} "
-                            f"(layers: {', '.join(sorted(known - set(QUANTIZED))) or 'none'})")
-    return layers, refused, skipped
+    """The output-channel axis of the node's weight (input 1): 0 for Conv and transB Gemm, else the last."""
+    return 0 if node.op == "Conv" or (node.op == "Gemm" and attr(node, "transB", 0)) else len(node.inputs[1].shape) - 1
 
 
 class _Groups:
@@ -130,31 +95,41 @@ class _Groups:
         self.parent[self.find(a)] = self.find(b)
 
 
-def plan_activations(graph: gs.Graph, layers: list[gs.Node]) -> tuple[list[str], _Groups]:
-    """The activation tensors that get a Q->DQ pair, in graph order, and their scale groups."""
-    chosen: dict[str, None] = {}
+def plan_activations(graph: gs.Graph, layers: list[gs.Node]) -> tuple[dict[str, str], _Groups]:
+    """The activation tensors that get a Q->DQ pair, in graph order, each with the layer whose
+    rewrite inserts it (a pass-through op's output goes with its input), and their scale groups."""
+    owners: dict[str, str] = {}
 
-    def add(t: gs.Tensor) -> bool:
+    def add(t: gs.Tensor, layer: str) -> bool:
         ok = isinstance(t, gs.Variable) and not is_graph_output(graph, t) and t.dtype in (None, np.float32)
         if ok:
-            chosen[t.name] = None
+            owners.setdefault(t.name, layer)
         return ok
 
     for node in layers:
-        add(node.inputs[0])
+        add(node.inputs[0], node.name)
         out = node.outputs[0]
         readers = list(out.outputs)
         if len(readers) == 1 and readers[0].op == "Relu" and not is_graph_output(graph, out):
-            add(readers[0].outputs[0])
+            add(readers[0].outputs[0], node.name)
         else:
-            add(out)
+            add(out, node.name)
     groups = _Groups()
     for node in graph.nodes:
         data = node.inputs if node.op == "Concat" else node.inputs[:1]
-        if node.op in PASS_THROUGH and data and all(t.name in chosen for t in data) and add(node.outputs[0]):
+        if node.op in PASS_THROUGH and data and all(t.name in owners for t in data) \
+                and add(node.outputs[0], owners[data[0].name]):
             for t in data:
                 groups.union(t.name, node.outputs[0].name)
-    return list(chosen), groups
+    return owners, groups
+
+
+def calibrated(graph: gs.Graph, layers: list[gs.Node], feeds: dict[str, np.ndarray], o: Options,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, QParams]:
+    """The parameters of every activation that quantizing `layers` would put a pair on."""
+    owners, groups = plan_activations(graph, layers)
+    names = list(owners)
+    return activation_params(cal.calibrate(graph, names, feeds, o.batch_size, progress), names, groups, o)
 
 
 def activation_params(stats: dict[str, cal.TensorStats], names: list[str], groups: _Groups,
@@ -227,7 +202,7 @@ def quantize_layer(rw: Rewriter, node: gs.Node, input_scale: np.ndarray | None, 
     if per_channel:
         shape[axis] = -1
     wq = q.astype(np.float32) * scale.reshape(shape)
-    info = {"op": node.op, "weight_sqnr_db": round(fidelity.measure(w, wq).sqnr_db, 2)}
+    info = {"op": node.op, "weight_sqnr_db": round(float(fidelity.measure(w, wq).sqnr_db), 2)}
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if isinstance(bias, gs.Constant) and bias.values.ndim == 1 and len(bias.outputs) == 1 \
             and attr(node, "beta", 1.0) == 1.0:
@@ -247,94 +222,126 @@ def quantize_layer(rw: Rewriter, node: gs.Node, input_scale: np.ndarray | None, 
     return info
 
 
-class Quantize(Pass):
+def check_unquantized(graph: gs.Graph) -> None:
+    """Raises `Refused` when the layers of `graph` may not be quantized at all."""
+    if any(n.op == "DequantizeLinear" for n in graph.nodes):
+        # Already quantized (by this pass or by training): layers left in float stay there, so a
+        # second run, or `keep_float`, never changes what the first one decided.
+        raise Refused("graph already has DequantizeLinear (quantized or fake-quant): run fold-qdq, "
+                      "or quantize the float model")
+    if opset(graph) < 13:
+        raise Refused(f"opset {opset(graph)} < 13 has no per-axis DequantizeLinear: upgrade the model's opset")
+
+
+def _has_weight(node: gs.Node) -> bool:
+    """A constant operand, or a weight already behind DequantizeLinear (so that include/exclude
+    name the same layers on a second run); not an activation x activation product."""
+    wdq = producer(node.inputs[1]) if len(node.inputs) > 1 else None
+    return len(node.inputs) > 1 and (any(isinstance(t, gs.Constant) for t in node.inputs[:2])
+                                     or (wdq is not None and wdq.op == "DequantizeLinear"))
+
+
+def _feeds(graph: gs.Graph, ctx: PassContext) -> dict[str, np.ndarray]:
+    return ctx.feeds if ctx.feeds is not None else random_feeds(input_specs(graph), ctx.seed, batch=8)
+
+
+class Quantize(LayerPass):
     """Post-training int8 quantization (QDQ): per-channel int8 weights, calibrated activations."""
 
     name = "quantize"
     info = PassInfo(LOSSY("cosine", 0.99), opset=(13, PassInfo().opset[1]), requires=frozenset({TOPOSORTED}))
     Options = Options
+    ops = QUANTIZED
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    def candidates(self, graph: gs.Graph) -> list[gs.Node]:
+        return [n for n in super().candidates(graph) if _has_weight(n)]
+
+    def examine(self, node: gs.Node, graph: gs.Graph) -> gs.Node | None:
+        if not isinstance(node.inputs[1], gs.Constant):
+            if isinstance(node.inputs[0], gs.Constant):
+                raise Refused("constant left operand (only input 1 is quantized as a weight)")
+            return None  # quantized already: its weight is behind DequantizeLinear
+        check_weight(graph, node.inputs[1], "quantize")
+        return node
+
+    def plan(self, layers: list[Layer], graph: gs.Graph, ctx: PassContext,
+             result: PassResult) -> list[tuple[Layer, LayerPlan]]:
+        """Calibrate every layer's activations at once, then choose which layers stay float."""
         o = self.options
-        layers, refused, skipped = select(graph, o)
-        stats: dict = {"calibration": o.calibration, "activation_type": o.activation_type, "refused": refused,
-                       "skipped": skipped}
-        if any(n.op == "DequantizeLinear" for n in graph.nodes):
-            # Already quantized (by this pass or by training): layers left in float stay there, so
-            # a second run, or `keep_float`, never changes what the first one decided.
-            stats["refused"] = [{"node": n.name, "reason": "graph already has DequantizeLinear (quantized or "
-                                 "fake-quant): run fold-qdq, or quantize the float model"} for n in layers]
-            return PassResult(False, stats)
-        if opset(graph) < 13:
-            stats["refused"] = [{"node": n.name, "reason": f"opset {opset(graph)} < 13 has no per-axis "
-                                 "DequantizeLinear: upgrade the model's opset"} for n in layers]
-            return PassResult(False, stats)
+        result.stats.update(calibration=o.calibration, activation_type=o.activation_type)
+        try:
+            check_unquantized(graph)
+        except Refused as e:
+            for layer in layers:
+                result.refuse(layer.name, e.reason)
+            return []
         if not layers:
-            return PassResult(False, stats)
-        feeds = ctx.feeds
-        if feeds is None:
-            feeds = random_feeds(input_specs(graph), ctx.seed, batch=8)
-            stats["warning"] = "no calibration data (--data): calibrated on random inputs; ranges may be wrong"
+            return []
+        if ctx.feeds is None:
+            result.stats["warning"] = "no calibration data (--data): calibrated on random inputs; ranges may be wrong"
+        feeds, nodes = _feeds(graph, ctx), [layer.node for layer in layers]
         report = (lambda done, total: ctx.progress("calibration", done, total)) if ctx.progress else None
-        float_graph = graph.copy()
-        names, groups = plan_activations(graph, layers)
-        observed = cal.calibrate(graph, names, feeds, o.batch_size, report)
-        params = activation_params(observed, names, groups, o)
-        kept = self._keep_float(float_graph, layers, params, feeds, stats)
-        shifts = bias_shifts(float_graph, [n for n in layers if n.name not in kept], feeds, o) \
+        params = calibrated(graph, nodes, feeds, o, report)
+        result.stats["activations_quantized"] = len(params)
+        choices = self._choose_float(graph, nodes, params, feeds)
+        result.decisions.update({name: c for name, c in choices.items() if c["chosen"] == "float"})
+        chosen = [layer for layer in layers if choices.get(layer.name, {}).get("chosen") != "float"]
+        shifts = bias_shifts(graph, [layer.node for layer in chosen], feeds, o.per_channel) \
             if o.bias_correction else {}
-        layer_stats = apply(graph, [n for n in layers if n.name not in kept], params, o.per_channel, shifts)
-        layer_errors(float_graph, graph, layer_stats, {n.name: n.outputs[0].name for n in layers}, feeds)
-        stats.update({"layers": layer_stats, "activations_quantized": len(names)})
-        if kept:
-            stats["kept_float"] = sorted(kept)
-        return PassResult(bool(layer_stats), stats)
+        owners, _ = plan_activations(graph, [layer.node for layer in chosen])
+        tensors = graph.tensors()
 
-    def _keep_float(self, graph, layers, params, feeds, stats) -> set[str]:
+        def layer_plan(layer: Layer) -> LayerPlan:
+            x = layer.node.inputs[0].name
+            pairs = [(tensors[name], params[name]) for name, owner in owners.items() if owner == layer.name]
+            return LayerPlan(params[x].scale if x in owners else None, pairs, shifts.get(layer.name),
+                             choices.get(layer.name, {}))
+        return [(layer, layer_plan(layer)) for layer in chosen]
+
+    def _choose_float(self, graph: gs.Graph, layers: list[gs.Node], params: dict[str, QParams],
+                      feeds: dict[str, np.ndarray]) -> dict[str, dict]:
+        """keep_float's choice per layer ("int8" or "float", and why); empty when not asked."""
         k = self.options.keep_float
-        if k == 0 or not layers:
-            return set()
+        if k == 0:
+            return {}
         ranking = layer_sensitivity(graph, layers, params, self.options.per_channel, feeds)
-        stats["sensitivity_sqnr_db"] = ranking
         worst = sorted(ranking, key=ranking.get)
         if k == "auto":
-            median = float(np.median(list(ranking.values())))
-            return {name for name in worst if ranking[name] < median - 10.0}
-        return set(worst[:k])
+            limit = float(np.median(list(ranking.values()))) - 10.0
+            kept, rule = {name for name in worst if ranking[name] < limit}, f"float below {limit:.2f} dB"
+        else:
+            kept, rule = set(worst[:k]), f"the {k} lowest stay float"
+        return {name: {"chosen": "float" if name in kept else "int8", "sensitivity_sqnr_db": sqnr,
+                       "reason": f"model SQNR {sqnr} dB with only this layer quantized; {rule}"}
+                for name, sqnr in ranking.items()}
 
+    def rewrite(self, rw: Rewriter, layer: Layer, plan: LayerPlan) -> dict:
+        info = quantize_layer(rw, layer.node, plan.input_scale, self.options.per_channel, plan.shift)
+        for tensor, p in plan.pairs:
+            insert_pair(rw, tensor, p)
+        return {**plan.choice, **info}
 
-def apply(graph: gs.Graph, layers: list[gs.Node], params: dict[str, QParams], per_channel: bool,
-          shifts: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
-    """Quantize `layers` and the activations around them that `params` covers. Returns per-layer stats."""
-    plan, _ = plan_activations(graph, layers)
-    tensors = graph.tensors()
-    rw = Rewriter(graph)
-    layer_stats = {}
-    for node in layers:
-        x = node.inputs[0]
-        scale = params[x.name].scale if x.name in params and x.name in plan else None
-        layer_stats[node.name] = quantize_layer(rw, node, scale, per_channel, (shifts or {}).get(node.name))
-    for name in plan:
-        if name in params:
-            insert_pair(rw, tensors[name], params[name])
-    rw.commit()
-    return layer_stats
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        float_graph = graph.copy()
+        result = super().run(graph, ctx)
+        if result.modified:
+            layer_errors(float_graph, graph, result.decisions, _feeds(float_graph, ctx))
+        return result
 
 
 def _sample(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[:ERROR_SAMPLES] for k, v in feeds.items()}
 
 
-def layer_errors(float_graph: gs.Graph, graph: gs.Graph, layer_stats: dict, outputs: dict[str, str],
+def layer_errors(float_graph: gs.Graph, graph: gs.Graph, decisions: dict[str, dict],
                  feeds: dict[str, np.ndarray]) -> None:
-    """Add each quantized layer's output SQNR (quantized model vs float model) to its stats."""
-    names = [outputs[name] for name in layer_stats]
+    """Add each layer's output SQNR (quantized model vs float model) to its decision."""
+    outputs = {n.name: n.outputs[0].name for n in float_graph.nodes if n.name in decisions}
     sample = _sample(feeds)
-    ref = ort.run(cal.with_outputs(float_graph, names), sample)
-    got = ort.run(cal.with_outputs(graph, names), sample)
-    for name, info in layer_stats.items():
-        out = outputs[name]
-        info["output_sqnr_db"] = round(fidelity.measure(ref[out], got[out]).sqnr_db, 2)
+    ref = ort.run(cal.with_outputs(float_graph, list(outputs.values())), sample)
+    got = ort.run(cal.with_outputs(graph, list(outputs.values())), sample)
+    for name, out in outputs.items():
+        decisions[name]["output_sqnr_db"] = round(float(fidelity.measure(ref[out], got[out]).sqnr_db), 2)
 
 
 def diagnose(graph: gs.Graph, feeds: dict[str, np.ndarray], options: Options | None = None,
@@ -342,10 +349,9 @@ def diagnose(graph: gs.Graph, feeds: dict[str, np.ndarray], options: Options | N
     """Per quantizable layer, worst first: the model's lowest output SQNR (dB) when only that
     layer (weights and input activation) is quantized, calibrated on `feeds`."""
     o = options or Options()
-    layers, _, _ = select(graph, o)
-    names, groups = plan_activations(graph, layers)
-    observed = cal.calibrate(graph, names, feeds, o.batch_size, progress)
-    ranking = layer_sensitivity(graph, layers, activation_params(observed, names, groups, o), o.per_channel, feeds)
+    layers = [layer.node for layer in Quantize(**vars(o)).select(graph, PassResult(False))]
+    params = calibrated(graph, layers, feeds, o, progress)
+    ranking = layer_sensitivity(graph, layers, params, o.per_channel, feeds)
     return dict(sorted(ranking.items(), key=lambda kv: kv[1]))
 
 
@@ -361,7 +367,7 @@ def layer_sensitivity(graph: gs.Graph, layers: list[gs.Node], params: dict[str, 
         x = target.inputs[0].name
         apply_one(copy, target, {x: params[x]} if x in params else {}, per_channel)
         measured = fidelity.compare(reference, ort.run(copy, sample))
-        ranking[node.name] = round(min(m.sqnr_db for m in measured.values()), 2)
+        ranking[node.name] = round(float(min(m.sqnr_db for m in measured.values())), 2)
     return ranking
 
 
@@ -374,21 +380,17 @@ def apply_one(graph: gs.Graph, node: gs.Node, params: dict[str, QParams], per_ch
     rw.commit()
 
 
-def bias_shifts(graph: gs.Graph, layers: list[gs.Node], feeds, o: Options) -> dict[str, np.ndarray]:
+def bias_shifts(graph: gs.Graph, layers: list[gs.Node], feeds: dict[str, np.ndarray],
+                per_channel: bool) -> dict[str, np.ndarray]:
     """Per layer, the mean per-channel output shift its weight rounding causes (Nagel et al. 2019),
     measured with only that layer's weights quantized on the calibration samples."""
     sample = _sample(feeds)
     shifts = {}
-    for node in layers:
-        if node.op != "Conv" and node.op != "Gemm":
-            continue
+    for node in [n for n in layers if n.op in ("Conv", "Gemm")]:
         out = node.outputs[0].name
         ref = ort.run(cal.with_outputs(graph, [out]), sample)[out]
         copy = graph.copy()
-        target = next(n for n in copy.nodes if n.name == node.name)
-        rw = Rewriter(copy)
-        quantize_layer(rw, target, None, o.per_channel)
-        rw.commit()
+        apply_one(copy, next(n for n in copy.nodes if n.name == node.name), {}, per_channel)
         got = ort.run(cal.with_outputs(copy, [out]), sample)[out]
         axes = tuple(i for i in range(ref.ndim) if i != 1)
         shifts[node.name] = (got - ref).mean(axis=axes).astype(np.float32)

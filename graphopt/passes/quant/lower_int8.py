@@ -1,57 +1,19 @@
 """lower-int8: run quantized layers as integer operators instead of float math between Q and DQ.
 
-Matches: the QDQ layers `quantize` emits, a Conv, Gemm or MatMul whose input comes from a
-per-tensor int8/uint8 DequantizeLinear and whose weight is an int8 constant behind a per-tensor or
-per-output-channel DequantizeLinear with zero zero points (and, for Conv and Gemm, an int32 bias
-behind DequantizeLinear at scale input x weight), read by a QuantizeLinear (optionally through a
-Relu) or, when nothing quantizes it, read as float. Also DequantizeLinear -> MaxPool / Flatten /
-Reshape / Relu / Concat -> QuantizeLinear with one scale and zero point on all sides.
-Rewrites (what the TVM importer in graphopt.codegen reads):
-  Conv -> Q            QLinearConv(x, xs, xz, w, ws, wz=0, ys, yz, bias int32)
-  MatMul -> Q          QLinearMatMul(x, xs, xz, w [K,N], ws, wz=0, ys, yz), ws per column or scalar
-  Gemm -> Q            MatMulInteger(x, w [K,N], xz, 0) -> Add(bias int32) -> Cast(float)
-                       -> Mul(xs*ws) -> QuantizeLinear(ys, yz); a Gemm without bias is a MatMul;
-                       a transB weight is transposed offline. Also the form for a Conv or MatMul
-                       whose output type differs from its input's (QLinear* ops take one type)
-  ... -> Relu -> Q     the above, then Max(y, yz) (Q(relu(v)) == max(Q(v), yz)); no Max when yz
-                       is the type's minimum
-  layer, float output  ConvInteger / MatMulInteger -> Add(bias) -> Cast(float) -> Mul(xs*ws)
-  DQ -> op -> Q        the op on the integers (MaxPool, Flatten, Reshape, Concat), or Max(q, zp)
-                       for Relu: exact, as DequantizeLinear is monotonic and Q(DQ(q)) == q
-DequantizeLinear nodes left without readers go; graph inputs and outputs keep names and types.
-Then, with activations="uint8" (the default; "keep" keeps int8), each int8 activation becomes
-uint8 (shift_uint8.py): value + 128, so its writer (QuantizeLinear, QLinear*) and readers (QLinear*,
-*Integer, DequantizeLinear, Max's floor) take zero point zp + 128; MaxPool / Flatten / Reshape /
-Concat are unchanged; weights stay int8 (u8 x s8). A graph without integer ops is left alone; a
-graph input or output, or a tensor an unknown op touches, stays int8 (refused, in stats).
-Refuses, with the reason in stats: per-channel activations, uint8 weights or non-zero weight zero
-points (onnxruntime's integer kernels take symmetric int8 weights), float or shared weights, a
-bias that is float or not at scale input x weight, a scale or zero point computed at run time,
-Gemm with transA, alpha or beta, and pass-through ops whose output is requantized differently.
-Refused layers stay valid QDQ.
-Guarantees: TOLERANCE(0, ATOL). Each integer tensor, computed from the QDQ model's own integer
-inputs, is within one step (LSB) of the QDQ layer run in float: the same integer sums, rounded
-once instead of after float32 sums, so only ties can move. Downstream, a flipped step moves the
-next layer by |weight| x input step, so a float model output is bounded in its own units: ATOL.
-Measured against the QDQ model in onnxruntime: every tensor within 1 step layer by layer (up to 5
-steps end to end on the mobilenet builder's intermediates); output error at most 0.042 on the
-builders (transformer; outputs up to 6) and 0.029 on the digits logits (up to 19), with no
-digits prediction changed. The uint8 shift is exact: every integer is the int8 one + 128 and every
-float output is bit for bit the int8 lowering's (tested on digits, the builders and each form),
-given u8 x s8 kernels that sum exactly, as VNNI's do (onnxruntime's AVX2 kernels without VNNI can
-saturate pairs of u8 x s8 products at int16, as its own uint8 QDQ fusion can; there use "keep").
-Stats: `lowered` (each matched node and the form it became, in the type before any shift),
-`refused` (node, rule, reason), `float_ops` (op types still computing in float, per count) and
-`uint8_activations` (tensors shifted to uint8).
-Speed: onnxruntime 1.32's x86 integer kernels are several times slower on int8 activations (s8 x
-s8) than on uint8 (u8 x s8), hence the default. Measured (ms, median, onnxruntime CPU, 1 thread,
-graph optimisations on, AMD EPYC with AVX512-VNNI; quantize with int8 activations):
-                     QDQ     lowered, keep   lowered, uint8   (quantize uint8: QDQ / lowered)
-  digits, batch 1    0.030   0.070           0.014            0.012 / 0.013
-  digits, batch 256  4.69    10.9            0.83             0.79 / 0.83
-  resnet builder, 1  0.147   0.606           0.084            0.075 / 0.076
-  resnet builder, 16 2.16    9.55            1.17             1.05 / 1.06
-(the gap to uint8 quantization: the Max that Relu needs at a symmetric zero point, not at 0 in uint8)
+Matches: the QDQ layers `quantize` emits: a Conv, Gemm or MatMul reading a per-tensor int8/uint8
+DequantizeLinear, with an int8 weight behind DequantizeLinear (per tensor or per output channel,
+zero points 0) and an int32 bias at scale input x weight, read by a QuantizeLinear (perhaps through
+a Relu) or as float; and DQ -> MaxPool / Flatten / Reshape / Relu / Concat -> Q with one scale.
+Rewrites: QLinearConv, QLinearMatMul, or ConvInteger / MatMulInteger -> Add(bias) -> Cast -> Mul
+[-> QuantizeLinear]; Relu before Q as Max(y, zero point); pass-through ops on the integers (every
+form, and why: docs/passes/lower-int8.md). Then, with activations="uint8", int8 activations become
+uint8 (shift_uint8.py: values and zero points + 128; weights stay int8, for u8 x s8 kernels).
+Refuses: per-channel activations, uint8 weights or non-zero weight zero points, float or shared
+weights, a bias not int32 at scale input x weight, a scale or zero point computed at run time, Gemm
+with transA, alpha or beta, pass-through ops requantized differently; for uint8, an activation that
+is a graph input or output or meets an op the shift does not know. Refused layers stay valid QDQ.
+Guarantees: TOLERANCE(0, ATOL): each integer tensor is within one step of the QDQ layer run in
+float (the same integer sums, rounded once); the uint8 shift is exact. Decisions: each node's form.
 Verified by: tests/passes/quant/test_lower_int8.py against the QDQ model in onnxruntime.
 """
 from __future__ import annotations
@@ -66,10 +28,10 @@ from onnx import TensorProto
 
 from graphopt.ir.errors import PipelineError
 from graphopt.ir.graph import attr, is_graph_output, producer
-from graphopt.passes.base import TOLERANCE, Pass, PassContext, PassInfo, PassResult
+from graphopt.passes.base import TOLERANCE, Pass, PassContext, PassInfo, PassResult, Refusal, Refused, option
 from graphopt.passes.quant.fold_qdq import QTYPES, QParams, onnx_type, qparams
 from graphopt.passes.quant.shift_uint8 import to_uint8
-from graphopt.pattern import MatchResult, Rewriter, Rule, apply_rules, replacement_refusal
+from graphopt.pattern import MatchResult, Rewriter, Rule, apply_rules, check_replacement
 
 LAYERS = ("Conv", "Gemm", "MatMul")
 PASS_THROUGH = ("MaxPool", "Flatten", "Reshape", "Relu", "Concat")
@@ -77,7 +39,7 @@ ACTIVATION_TYPES = (TensorProto.INT8, TensorProto.UINT8)
 # Bias scale must be input scale x weight scale; quantize computes it in float32, so equal up to
 # one float32 rounding.
 BIAS_SCALE_RTOL = 1e-6
-# Output error in the model's units: over twice the worst measured (see Guarantees).
+# Output error in the model's units: over twice the worst measured (docs/passes/lower-int8.md).
 ATOL = 0.1
 
 
@@ -103,20 +65,18 @@ def _storage(qtype: int) -> type:
     return QTYPES[qtype][2]
 
 
-def _activation(node: gs.Node) -> QParams | str:
-    """The scalar parameters of an activation's DequantizeLinear or QuantizeLinear, or why not."""
+def _activation(node: gs.Node) -> QParams:
+    """The scalar parameters of an activation's DequantizeLinear or QuantizeLinear; raises `Refused`."""
     dq = node.op == "DequantizeLinear"
     tensor = node.inputs[0] if dq else node.outputs[0]  # the integer side
     p = qparams(node, None if tensor.shape is None else len(tensor.shape), onnx_type(tensor) if dq else None)
-    if isinstance(p, str):
-        return p
     if p.axis is not None:
-        return f"activation '{tensor.name}' is quantized per channel; integer kernels take one scale"
+        raise Refused(f"activation '{tensor.name}' is quantized per channel; integer kernels take one scale")
     if p.qtype not in ACTIVATION_TYPES:
-        return f"activation '{tensor.name}' is {TensorProto.DataType.Name(p.qtype)}, not int8 or uint8"
+        raise Refused(f"activation '{tensor.name}' is {TensorProto.DataType.Name(p.qtype)}, not int8 or uint8")
     scale = p.scale.reshape(())
     if not (np.isfinite(scale) and scale >= np.finfo(np.float32).tiny):
-        return f"scale of '{node.name}' is zero, subnormal or not finite"
+        raise Refused(f"scale of '{node.name}' is zero, subnormal or not finite")
     return QParams(scale, p.zero_point.reshape(()), p.qtype, None)
 
 
@@ -131,68 +91,57 @@ def match_layer(node: gs.Node, graph: gs.Graph) -> MatchResult:
     xdq = _dq(node.inputs[0])
     if xdq is None:
         if _dq(node.inputs[1]) is not None:
-            return MatchResult.fail(f"input '{node.inputs[0].name}' is float (weight-only quantization); "
-                                    "integer kernels need a quantized input")
+            raise Refused(f"input '{node.inputs[0].name}' is float (weight-only quantization); "
+                          "integer kernels need a quantized input")
         return MatchResult.no_match()  # a float layer: nothing to lower
     xp = _activation(xdq)
-    if isinstance(xp, str):
-        return MatchResult.fail(xp)
-    weight = _weight(node, graph)
-    if isinstance(weight, str):
-        return MatchResult.fail(weight)
-    wq, wp = weight
+    wq, wp = _weight(node, graph)
     if node.op == "Gemm" and (attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0
                               or attr(node, "beta", 1.0) != 1.0):
-        return MatchResult.fail(f"Gemm '{node.name}' uses transA, alpha or beta")
+        raise Refused(f"Gemm '{node.name}' uses transA, alpha or beta")
     bias = _bias(node, xp, wp)
-    if isinstance(bias, str):
-        return MatchResult.fail(bias)
     q, relu = _output_quantizer(node, graph)
     yp = _activation(q) if q is not None else None
-    if isinstance(yp, str):
-        return MatchResult.fail(yp)
     return MatchResult.ok(layer=Layer(xdq.inputs[0], xp, wq, wp, bias, q, relu, yp))
 
 
-def _weight(node: gs.Node, graph: gs.Graph) -> tuple[gs.Constant, QParams] | str:
+def _weight(node: gs.Node, graph: gs.Graph) -> tuple[gs.Constant, QParams]:
     w = node.inputs[1]
     dq = _dq(w)
     if dq is None:
         kind = "a float constant" if isinstance(w, gs.Constant) else "computed at run time"
-        return f"weight '{w.name}' is {kind}, not an int8 constant behind DequantizeLinear"
+        raise Refused(f"weight '{w.name}' is {kind}, not an int8 constant behind DequantizeLinear")
     wq = dq.inputs[0]
     if not isinstance(wq, gs.Constant) or wq.values.dtype != np.int8:
-        return f"weight '{wq.name}' is not an int8 constant (integer kernels take int8 weights)"
+        raise Refused(f"weight '{wq.name}' is not an int8 constant (integer kernels take int8 weights)")
     if len(w.outputs) != 1 or len(wq.outputs) != 1 or is_graph_output(graph, w) or is_graph_output(graph, wq):
-        return f"weight '{wq.name}' is shared with another node"
+        raise Refused(f"weight '{wq.name}' is shared with another node")
     if (node.op == "Conv" and wq.values.ndim < 3) or (node.op != "Conv" and wq.values.ndim != 2):
-        return f"weight '{wq.name}' has rank {wq.values.ndim}"
+        raise Refused(f"weight '{wq.name}' has rank {wq.values.ndim}")
     wp = qparams(dq, wq.values.ndim, TensorProto.INT8)
-    if isinstance(wp, str):
-        return wp
     if np.any(wp.zero_point != 0):
-        return f"weight '{wq.name}' has non-zero zero points; integer kernels take symmetric weights"
+        raise Refused(f"weight '{wq.name}' has non-zero zero points; integer kernels take symmetric weights")
     if wp.axis is not None and wp.axis != _output_axis(node):
-        return f"weight '{wq.name}' is quantized along axis {wp.axis}, not its output channels"
+        raise Refused(f"weight '{wq.name}' is quantized along axis {wp.axis}, not its output channels")
     return wq, wp
 
 
-def _bias(node: gs.Node, xp: QParams, wp: QParams) -> gs.Constant | None | str:
+def _bias(node: gs.Node, xp: QParams, wp: QParams) -> gs.Constant | None:
     if node.op == "MatMul" or len(node.inputs) < 3 or node.inputs[2].is_empty():
         return None
     b = node.inputs[2]
     dq = _dq(b)
     if dq is None or not isinstance(dq.inputs[0], gs.Constant) or dq.inputs[0].values.dtype != np.int32:
-        return f"bias '{b.name}' is not an int32 constant behind DequantizeLinear"
+        raise Refused(f"bias '{b.name}' is not an int32 constant behind DequantizeLinear")
     bq = dq.inputs[0]
     scale, zero = dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 else None
     if not isinstance(scale, gs.Constant) or (zero is not None and not zero.is_empty()
                                               and not (isinstance(zero, gs.Constant) and np.all(zero.values == 0))):
-        return f"bias '{b.name}' has a computed scale or a non-zero zero point"
+        raise Refused(f"bias '{b.name}' has a computed scale or a non-zero zero point")
     expected = np.float32(xp.scale) * wp.scale
     if bq.values.ndim != 1 or len(bq.outputs) != 1 or len(b.outputs) != 1 \
             or not np.allclose(scale.values, expected, rtol=BIAS_SCALE_RTOL, atol=0):
-        return f"bias '{bq.name}' is not a 1-D int32 at scale input x weight read only by '{node.name}'"
+        raise Refused(f"bias '{bq.name}' is not a 1-D int32 at scale input x weight read only by '{node.name}'")
     return bq
 
 
@@ -322,21 +271,14 @@ def match_pass_through(node: gs.Node, graph: gs.Graph) -> MatchResult:
     if not data or any(dq is None for dq in dqs):
         return MatchResult.no_match()
     params = [_activation(dq) for dq in dqs]
-    reason = next((p for p in params if isinstance(p, str)), None)
-    if reason:
-        return MatchResult.fail(reason)
     out = node.outputs[0]
     readers = list(out.outputs)
     q = readers[0] if len(readers) == 1 and readers[0].op == "QuantizeLinear" else None
-    yp = _activation(q) if q is not None else None
-    if len(node.outputs) != 1 or is_graph_output(graph, out) or not isinstance(yp, QParams) \
-            or not all(p.same_as(yp) for p in params):
-        return MatchResult.fail(f"{node.op} '{node.name}' is not requantized alone with its input's scale "
-                                "and zero point")
+    yp = _activation(q) if q is not None and len(node.outputs) == 1 and not is_graph_output(graph, out) else None
+    if yp is None or not all(p.same_as(yp) for p in params):
+        raise Refused(f"{node.op} '{node.name}' is not requantized alone with its input's scale and zero point")
     if node.op == "Relu" and _at_minimum(yp):
-        why = replacement_refusal(graph, q.outputs[0], dqs[0].inputs[0])
-        if why:
-            return MatchResult.fail(why)
+        check_replacement(graph, q.outputs[0], dqs[0].inputs[0])
     return MatchResult.ok(ints=[dq.inputs[0] for dq in dqs], quantize=q, params=yp)
 
 
@@ -362,7 +304,8 @@ def lower_pass_through(rw: Rewriter, node: gs.Node, m: MatchResult) -> str:
 
 @dataclass(frozen=True)
 class Options:
-    activations: str = "uint8"  # "uint8": int8 activations shifted to uint8 (exact); "keep": int8
+    activations: str = option("uint8", "'uint8': int8 activations shifted to uint8, exactly (fast u8 x s8 "
+                                       "kernels); 'keep': int8")
 
     def __post_init__(self):
         if self.activations not in ("uint8", "keep"):
@@ -378,24 +321,24 @@ class LowerInt8(Pass):
     info = PassInfo(TOLERANCE(0.0, ATOL), opset=(13, onnx.defs.onnx_opset_version()))
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        lowered: dict[str, str] = {}
+        result = PassResult(False)
 
         def recorded(rewrite):
             def apply(rw: Rewriter, node: gs.Node, m: MatchResult) -> None:
-                lowered[f"{node.op} '{node.name}'"] = rewrite(rw, node, m)
+                result.decisions[node.name] = {"op": node.op, "form": rewrite(rw, node, m)}
             return apply
 
         rules = (Rule("lower-layer", LAYERS, match_layer, recorded(lower_layer)),
                  Rule("integer-pass-through", PASS_THROUGH, match_pass_through, recorded(lower_pass_through)))
-        stats = apply_rules(graph, rules)
-        refused = stats.as_dict()["refused"]
+        applied = apply_rules(graph, rules)
+        result.refused = [Refusal(node, reason, rule) for (node, rule), reason in applied.refused.items()]
         shifted = 0
         if self.options.activations == "uint8":
             shifted, kept = to_uint8(graph)
-            refused += kept
-        return PassResult(stats.modified or shifted > 0,
-                          {"lowered": lowered, "uint8_activations": shifted, "refused": refused,
-                           "float_ops": float_ops(graph)})
+            result.refused += kept
+        result.modified = applied.modified or shifted > 0
+        result.stats = {"uint8_activations": shifted, "float_ops": float_ops(graph)}
+        return result
 
 
 def float_ops(graph: gs.Graph) -> dict[str, int]:

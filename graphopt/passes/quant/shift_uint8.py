@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from graphopt.ir.graph import is_graph_input, is_graph_output, producer
+from graphopt.passes.base import Refusal, Refused
 from graphopt.pattern import Rewriter
 
 SHIFT = 128
@@ -96,27 +97,27 @@ def groups(graph: gs.Graph, int8: set[str]) -> list[list[gs.Variable]]:
     return result
 
 
-def refusal(graph: gs.Graph, group: list[gs.Variable], int8: set[str]) -> str | None:
-    """Why `group` cannot be shifted, or None."""
+def check_shiftable(graph: gs.Graph, group: list[gs.Variable], int8: set[str]) -> None:
+    """Raises `Refused` when `group` cannot be shifted."""
     for t in group:
         if is_graph_input(graph, t) or is_graph_output(graph, t):
-            return f"'{t.name}' is a graph {'input' if is_graph_input(graph, t) else 'output'}; its type is kept"
+            kind = "input" if is_graph_input(graph, t) else "output"
+            raise Refused(f"'{t.name}' is a graph {kind}; its type is kept")
         if t.name not in int8:
-            return f"'{t.name}' is not int8 but shares its type with int8 tensors"
+            raise Refused(f"'{t.name}' is not int8 but shares its type with int8 tensors")
         node = producer(t)
         if node is None or node.op not in WRITES or node.outputs[0] is not t:
-            return f"'{t.name}' is written by {node.op if node else 'no node'}, which the shift does not know"
+            raise Refused(f"'{t.name}' is written by {node.op if node else 'no node'}, which the shift does not know")
         zero_points = [(node, WRITES[node.op])]
         for reader in t.outputs:
             slots = READS.get(reader.op, ())
             allowed = range(len(reader.inputs)) if slots is None else [i for i, _ in slots]
             if reader.op not in READS or any(x is t and i not in allowed for i, x in enumerate(reader.inputs)):
-                return f"'{t.name}' is read by {reader.op} '{reader.name}', which the shift does not know"
+                raise Refused(f"'{t.name}' is read by {reader.op} '{reader.name}', which the shift does not know")
             zero_points += [(reader, z) for i, z in slots or () if reader.inputs[i] is t]
         for n, slot in zero_points:
             if slot is not None and not isinstance(_zero_point(n, slot), (gs.Constant, type(None))):
-                return f"the zero point of {n.op} '{n.name}' is computed at run time"
-    return None
+                raise Refused(f"the zero point of {n.op} '{n.name}' is computed at run time")
 
 
 def _integer(group: list[gs.Variable]) -> bool:
@@ -162,21 +163,22 @@ def shift(rw: Rewriter, group: list[gs.Variable]) -> None:
         t.dtype = np.uint8
 
 
-def to_uint8(graph: gs.Graph) -> tuple[int, list[dict]]:
+def to_uint8(graph: gs.Graph) -> tuple[int, list[Refusal]]:
     """Shift every int8 activation group, if an integer op reads or writes one. Returns (tensors
-    shifted, refusals as {node, rule, reason} with the group's first tensor as node)."""
+    shifted, refusals against each kept group's first tensor)."""
     rw, shifted, refused = Rewriter(graph), 0, []
     int8 = int8_activations(graph)
     found = groups(graph, int8)
     if not any(_integer(g) for g in found):
         return 0, []
     for group in found:
-        why = refusal(graph, group, int8)
-        if why is None:
-            shift(rw, group)
-            shifted += len(group)
-        else:
-            refused.append({"node": group[0].name, "rule": "uint8-activations", "reason": why})
+        try:
+            check_shiftable(graph, group, int8)
+        except Refused as e:
+            refused.append(Refusal(group[0].name, e.reason, "uint8-activations"))
+            continue
+        shift(rw, group)
+        shifted += len(group)
     if shifted:
         rw.commit()
     return shifted, refused

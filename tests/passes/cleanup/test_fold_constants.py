@@ -38,7 +38,26 @@ def test_refuses_graph_output_and_large_growth():
              node("Add", ["x", "zeros"], ["z"])]
     graph, result, _ = check_pass(model(nodes, {"x": (1024, 1024)}, {"y": None, "z": None}, w),
                                   FoldConstants(max_growth_bytes=1024), expect_modified=False)
-    reasons = refusals(result.stats)
+    reasons = refusals(result)
     assert "output is a graph output" in reasons
     assert any("grow the model" in r for r in reasons)
     assert sorted(ops(graph)) == ["Add", "ConstantOfShape", "Neg"]
+
+
+def test_folds_shape_with_start_and_end_and_size():
+    # Shape-15 slices the dims by start/end (negative counts from the back); Size counts elements.
+    # Every folded value reaches an output, so folding one wrongly changes an output's values or shape.
+    w = {"minus1": np.array([-1], dtype=np.int64)}
+    nodes = [node("Shape", ["x"], ["last"], start=-1), node("Cast", ["last"], ["lastf"], to=1),
+             node("Add", ["x", "lastf"], ["y"]),
+             node("Shape", ["x"], ["first"], end=1), node("Concat", ["first", "minus1"], ["shape"], axis=0),
+             node("Reshape", ["x", "shape"], ["r"]),
+             node("Shape", ["x"], ["mid"], start=1, end=-1), node("Cast", ["mid"], ["midf"], to=1),
+             node("Size", ["x"], ["n"]), node("Cast", ["n"], ["nf"], to=1), node("Mul", ["midf", "nf"], ["k"]),
+             node("Mul", ["x", "k"], ["z"])]
+    graph, result, _ = check_pass(model(nodes, {"x": (2, 3, 4)}, {"y": None, "r": None, "z": None}, w),
+                                  FoldConstants())
+    assert sorted(ops(graph)) == ["Add", "Mul", "Reshape"]
+    assert graph.outputs[1].shape == [2, 12]
+    assert graph.tensors()["k"].values.tolist() == [72.0]  # mid = [3], size = 24
+    assert result.stats["folded"] >= 3

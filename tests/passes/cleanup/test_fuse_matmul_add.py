@@ -24,7 +24,7 @@ def test_mlp_builder_hidden_layers_fuse():
 
 def test_refuses_rank3_activation():
     graph, result, _ = check_pass(builders.transformer(layers=1), FuseMatMulAdd(), expect_modified=False)
-    assert any("Gemm needs rank 2" in r for r in refusals(result.stats))
+    assert any("Gemm needs rank 2" in r for r in refusals(result))
 
 
 def test_matmul_with_other_reader_stays():

@@ -11,7 +11,8 @@ from graphopt.ir import io, ort
 from graphopt.ir.errors import PipelineError
 from graphopt.ir.graph import export
 from graphopt.optimize import optimize
-from graphopt.passes.base import TOLERANCE, PassContext
+from graphopt.ir.ops import WINOGRAD_TILES
+from graphopt.passes.base import TOLERANCE, PassContext, Refused, option_help
 from graphopt.passes.conv import winograd
 from graphopt.passes.conv import winograd_transforms as wt
 from graphopt.passes.conv.winograd import BOUNDS, Winograd
@@ -61,15 +62,15 @@ def test_cook_toom_matrices_compute_a_correlation_exactly():
 def test_outputs_within_the_variants_bound(tile, cin, cout, height, width, pads, bias, batch, seed):
     m = conv3x3(cin, cout, height, width, pads, bias, batch, seed)
     graph, result, _ = check_pass(m, Winograd(tile=tile))
-    assert result.stats["layers"]["conv"]["variant"] == wt.variant(tile)
-    assert convs_3x3(graph) == 0 and result.stats["refused"] == []
+    assert result.decisions["conv"]["variant"] == wt.variant(tile)
+    assert convs_3x3(graph) == 0 and result.refused == []
 
 
 @pytest.mark.parametrize("tile", wt.TILES)
 def test_output_sizes_the_tile_does_not_divide_are_cropped(tile):
     graph, result, _ = check_pass(conv3x3(5, 7, 12, 14, pads=(0, 1, 1, 0)), Winograd(tile=tile))
     out_h, out_w = 11, 13
-    assert result.stats["layers"]["conv"]["tiles"] == [-(-out_h // tile), -(-out_w // tile)]
+    assert result.decisions["conv"]["tiles"] == [-(-out_h // tile), -(-out_w // tile)]
     assert "Slice" in [n.op for n in graph.nodes]
 
 
@@ -77,6 +78,9 @@ def test_each_instance_declares_its_tiles_bound():
     assert Winograd.info.semantics == BOUNDS[6]
     assert [Winograd(tile=t).info.semantics for t in wt.TILES] == [BOUNDS[2], BOUNDS[4], BOUNDS[6]]
     assert Winograd(select="measure").info.idempotent is False
+    assert Winograd(select="measure").info.needs_latency and not Winograd().info.needs_latency
+    assert wt.TILES == WINOGRAD_TILES and set(wt.POINTS) == set(WINOGRAD_TILES)  # one contract, ir.ops
+    assert all(help_ for _, _, help_ in option_help(Winograd.Options))
     with pytest.raises(PipelineError, match="tile=3"):
         Winograd(tile=3)
     assert str(Pipeline.parse("winograd(tile=2,emit=tvm)")) == "winograd(tile=2,emit='tvm')"
@@ -94,7 +98,7 @@ def test_refuses_convs_it_cannot_rewrite():
     weights = {"w_s": w3, "w1": w1, "w_d": w3, "w_g": rng_array((4, 2, 3, 3), 3), "shared": w3}
     m = model(nodes, {"x": (1, 4, 9, 9), "t": (4, 4, 3, 3)}, {k: None for k in "abcdefg"}, weights)
     _, result, _ = check_pass(m, Winograd(), expect_modified=False)
-    assert {r["node"]: r["reason"] for r in result.stats["refused"]} == {
+    assert {r.node: r.reason for r in result.refused} == {
         "strided": "stride [2, 2] is not 1", "pointwise": "kernel is 1x1, not 3x3",
         "dilated": "dilation [2, 2] is not 1",
         "grouped": "group=2: grouped and depthwise convs are not rewritten",
@@ -102,30 +106,57 @@ def test_refuses_convs_it_cannot_rewrite():
         "shared_b": "weight 'shared' is shared with another node", "runtime_weight": "'t' is not a constant"}
 
 
+def test_refuses_negative_pads():
+    m = model([node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, -1, 1, 1])],
+              {"x": (1, 2, 5, 5)}, {"y": (1, 3, 5, 3)}, {"w": rng_array((3, 2, 3, 3))})
+    graph = gs.import_onnx(m)
+    with pytest.raises(Refused, match=r"negative pads \[1, -1, 1, 1\]"):
+        winograd.examine(graph.nodes[0], graph)
+
+
 def test_refuses_dynamic_spatial_dims_a_runtime_bias_and_other_types():
     m = model([node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
               {"x": ("N", 2, "H", "W")}, {"y": None}, {"w": rng_array((3, 2, 3, 3))})
     _, result, _ = check_pass(m, Winograd(), expect_modified=False)
-    assert refusals(result.stats) == ["input 'x' has dynamic channels or spatial dims ['N', 2, 'H', 'W']"]
+    assert refusals(result) == ["input 'x' has dynamic channels or spatial dims ['N', 2, 'H', 'W']"]
     m = model([node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 3])],
               {"x": (1, 2, 5, 5), "b": (3,)}, {"y": None}, {"w": rng_array((3, 2, 3, 3))})
     _, result, _ = check_pass(m, Winograd(), expect_modified=False)
-    assert refusals(result.stats) == ["bias 'b' is computed at run time"]
+    assert refusals(result) == ["bias 'b' is computed at run time"]
     m = model([node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 3])], {"x": (1, 2, 5, 5)},
               {"y": None}, {"w": rng_array((3, 2, 3, 3), dtype=np.float64)}, dtype=onnx.TensorProto.DOUBLE)
     record = PassManager([Winograd()]).run(gs.import_onnx(m))[0]  # onnxruntime has no float64 Conv
-    assert refusals(record.stats) == ["'x' is float64: only float32 convs are rewritten"]
+    assert refusals(record.result) == ["'x' is float64: only float32 convs are rewritten"]
 
 
-def test_include_and_exclude_pick_convs_by_name():
+def two_named_convs() -> onnx.ModelProto:
     w = {"w1": rng_array((4, 4, 3, 3), 1), "w2": rng_array((4, 4, 3, 3), 2)}
     nodes = [node("Conv", ["x", "w1"], ["h"], name="first", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
              node("Conv", ["h", "w2"], ["y"], name="second", kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
-    m = model(nodes, {"x": (1, 4, 6, 6)}, {"y": None}, w)
-    for option in ({"exclude": ("first",)}, {"include": ("second",)}):
-        graph, result, _ = check_pass(m, Winograd(**option))
-        assert list(result.stats["layers"]) == ["second"] and convs_3x3(graph) == 1
-        assert result.stats["skipped"] == [{"node": "first", "reason": "excluded by include/exclude"}]
+    return model(nodes, {"x": (1, 4, 6, 6)}, {"y": None}, w)
+
+
+@pytest.mark.parametrize("emit", ["onnx", "tvm"])
+@pytest.mark.parametrize("option, reason", [({"exclude": ("first",)}, "excluded"),
+                                            ({"include": ("second",)}, "not in include"),
+                                            ({"include": ("s*",)}, "not in include"),
+                                            ({"exclude": ("f?rst", "nothing*")}, None)])
+def test_include_and_exclude_pick_convs_by_name_pattern(emit, option, reason):
+    # check_pass runs the pass twice: the rewritten conv keeps its name, so the patterns still match.
+    if reason is None:
+        with pytest.raises(PipelineError, match=r"winograd: exclude=nothing\* matches no layer .*first, second"):
+            PassManager([Winograd(emit=emit, **option)]).run(gs.import_onnx(two_named_convs()))
+        return
+    graph, result, _ = check_pass(two_named_convs(), Winograd(emit=emit, **option))
+    assert list(result.decisions) == ["second"] and convs_3x3(graph) == 1
+    assert [(s.node, s.reason) for s in result.skipped] == [("first", reason)]
+
+
+def test_include_by_op_type_and_a_pattern_matching_no_conv_is_an_error():
+    graph, result, _ = check_pass(two_named_convs(), Winograd(include=("Conv",)))
+    assert list(result.decisions) == ["first", "second"] and result.skipped == []
+    with pytest.raises(PipelineError, match="include=nosuchlayer matches no layer"):
+        PassManager([Winograd(include=("nosuchlayer",))]).run(gs.import_onnx(two_named_convs()))
 
 
 def digits_accuracy(graph) -> float:
@@ -196,7 +227,7 @@ def test_measure_records_a_choice_timings_and_errors_per_conv():
     # onnxruntime's timings decide, so any choice is valid; the outputs must hold the bound anyway.
     _, result, _ = check_pass(two_convs(), Winograd(select="measure"), expect_modified=None)
     for name in ("first", "second"):
-        layer = result.stats["layers"][name]
+        layer = result.decisions[name]
         assert layer["chosen"] in ("direct", *map(wt.variant, wt.TILES)) and layer["reason"]
         assert set(layer["max_abs_error"]) == set(map(wt.variant, wt.TILES))
         assert layer["timings_ms"]["direct"] > 0 and layer["chosen"] in layer["timings_ms"]
@@ -207,7 +238,7 @@ def test_measure_keeps_the_fastest(fastest):
     graph = gs.import_onnx(two_convs())
     record = PassManager([Winograd(select="measure")]).run(graph, PassContext(latency=fake_latency(fastest)))[0]
     chosen = wt.variant(fastest) if fastest else "direct"
-    assert [record.stats["layers"][n]["chosen"] for n in ("first", "second")] == [chosen, chosen]
+    assert [record.decisions[n]["chosen"] for n in ("first", "second")] == [chosen, chosen]
     assert convs_3x3(graph) == (2 if fastest is None else 0)
 
 
@@ -216,7 +247,7 @@ def test_measure_skips_a_variant_over_its_bound(monkeypatch):
     monkeypatch.setitem(winograd.BOUNDS, 6, TOLERANCE(0.0, 0.0))
     graph = gs.import_onnx(two_convs())
     record = PassManager([pass_]).run(graph, PassContext(latency=fake_latency(6)))[0]
-    layer = record.stats["layers"]["second"]
+    layer = record.decisions["second"]
     assert layer["chosen"] == "F(2x2,3x3)" and "F(6x6,3x3)" not in layer["timings_ms"]
     assert "rejected F(6x6,3x3)" in layer["reason"]
     assert {n.attrs["tile"] for n in graph.nodes if n.op == "WinogradConv"} == {2}

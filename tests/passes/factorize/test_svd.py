@@ -8,7 +8,8 @@ import pytest
 
 from graphopt.ir import ort
 from graphopt.optimize import optimize
-from graphopt.passes.base import EXACT
+from graphopt.ir.errors import PipelineError
+from graphopt.passes.base import EXACT, option_help
 from graphopt.passes.factorize.svd import FactorizeSVD
 from graphopt.passes.manager import PassManager
 from graphopt.testing import builders
@@ -47,10 +48,44 @@ EXACT_CASES = {
 @pytest.mark.parametrize("option", [{"rank": 4}, {"energy": 1.0}])
 def test_exact_when_the_rank_keeps_every_singular_value(case, option):
     graph, result, _ = check_pass(EXACT_CASES[case], ExactSVD(**option))
-    (layer,) = result.stats["layers"].values()
+    (layer,) = result.decisions.values()
     assert layer["ranks"] == {"rank": 4} and layer["weight_error"] < 1e-5
     assert layer["params"] == {"before": 480, "after": 4 * 44}
-    assert len(ops(graph)) == 2 and result.stats["refused"] == []
+    assert len(ops(graph)) == 2 and result.refused == []
+
+
+def test_gemm_trans_a_declares_the_shape_between_the_factors():
+    # A is K x M under transA, so the product between the factors is M x r; check_pass holds the
+    # declared shape to strict ONNX shape inference.
+    m = model([node("Gemm", ["x", "w", "c"], ["y"], name="gemm", transA=1, transB=1)], {"x": (20, 6)}, {"y": None},
+              {"w": low_rank(24, 20, 4), "c": rng_array((24,), 3)})
+    graph, result, _ = check_pass(m, ExactSVD(rank=4))
+    first, second = graph.nodes
+    assert (first.name, first.attrs["transA"], second.name) == ("gemm_svd1", 1, "gemm")
+    assert first.outputs[0].shape == [6, 4] and result.decisions["gemm"]["ranks"] == {"rank": 4}
+
+
+def test_include_and_exclude_are_patterns_over_names_and_op_types():
+    nodes = [node("MatMul", ["x", "w0"], ["h"], name="fc0"), node("Relu", ["h"], ["r"], name="act"),
+             node("Gemm", ["r", "w1"], ["y"], name="head")]
+    m = model(nodes, {"x": (3, 16)}, {"y": None}, {"w0": rng_array((16, 16), 1), "w1": rng_array((16, 12), 2)})
+    for option, chosen, skipped in [({"include": ("fc0",)}, ["fc0"], [("head", "not in include")]),
+                                    ({"include": ("Gemm",)}, ["head"], [("fc0", "not in include")]),
+                                    ({"exclude": ("f?0",)}, ["head"], [("fc0", "excluded")])]:
+        # check_pass runs the pass twice: the second half keeps the layer's name, so the pattern still matches.
+        graph, result, _ = check_pass(m, FactorizeSVD(rank=2, **option))
+        assert list(result.decisions) == chosen and [(s.node, s.reason) for s in result.skipped] == skipped
+        assert [layer.name for layer in FactorizeSVD(rank=2, **option).layers(gs.import_onnx(m))] == chosen
+    graph, _, _ = check_pass(m, FactorizeSVD(rank=2, include=("fc0",)))
+    again = PassManager([FactorizeSVD(rank=2, include=("fc0",))]).run(graph)[0]
+    assert [(r.node, r.reason) for r in again.refused] == [
+        ("fc0", "already factored: reads the bias-free product 'fc0_svd1' directly")]
+
+
+def test_a_pattern_matching_no_product_is_an_error():
+    with pytest.raises(PipelineError, match="factorize-svd: include=nosuchlayer matches no layer .*ops: MatMul"):
+        PassManager([FactorizeSVD(energy=0.9, include="nosuchlayer")]).run(gs.import_onnx(matmul_layer()))
+    assert all(help_ for _, _, help_ in option_help(FactorizeSVD.Options))
 
 
 def test_factors_keep_the_weight_dtype():
@@ -74,7 +109,7 @@ def test_error_falls_as_the_rank_grows():
         graph, result, _ = check_pass(m, FactorizeSVD(rank=rank))
         out = ort.run(graph, feeds)["y"]
         errors.append(np.linalg.norm(out - reference) / np.linalg.norm(reference))
-        weight_errors.append(result.stats["layers"]["mm"]["weight_error"])
+        weight_errors.append(result.decisions["mm"]["weight_error"])
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert all(a > b for a, b in zip(weight_errors, weight_errors[1:])), weight_errors
 
@@ -83,15 +118,15 @@ def test_vbmf_keeps_the_planted_rank():
     w = low_rank(48, 40, 3) + 0.01 * rng_array((48, 40), 9)
     m = model([node("MatMul", ["x", "w"], ["y"], name="mm")], {"x": (4, 48)}, {"y": None}, {"w": w})
     graph, result, worst = check_pass(m, FactorizeSVD(method="vbmf"))
-    assert result.stats["layers"]["mm"]["ranks"] == {"rank": 3} and worst["y"] > 0.999
+    assert result.decisions["mm"]["ranks"] == {"rank": 3} and worst["y"] > 0.999
 
 
 def test_refuses_a_rank_that_saves_nothing():
     graph, result, _ = check_pass(matmul_layer(), FactorizeSVD(rank=22), expect_modified=False)
-    assert refusals(result.stats) == ["rank 22 (rank=22): factors need 1,936 parameters where the layer has "
+    assert refusals(result) == ["rank 22 (rank=22): factors need 1,936 parameters where the layer has "
                                       "1,920; no saving"]
     _, result, _ = check_pass(matmul_layer(), FactorizeSVD(energy=0.99), expect_modified=False)
-    assert refusals(result.stats)[0].endswith("no saving")
+    assert refusals(result)[0].endswith("no saving")
 
 
 def test_refuses_shared_weights_and_operands_it_cannot_factor():
@@ -102,15 +137,15 @@ def test_refuses_shared_weights_and_operands_it_cannot_factor():
              node("MatMul", ["sq", "sq"], ["e"], name="two_constants")]
     m = model(nodes, {"x": (3, 16), "t": (12, 5)}, {k: None for k in "abcde"}, {"w": w, "w3": w3, "sq": sq})
     graph, result, _ = check_pass(m, FactorizeSVD(rank=1), expect_modified=False)
-    assert {r["node"]: r["reason"] for r in result.stats["refused"]} == {
+    assert {r.node: r.reason for r in result.refused} == {
         "shared_a": "weight 'w' is shared with another node", "shared_b": "weight 'w' is shared with another node",
         "batched_weight": "weight 'w3' is 3-D; only a 2-D weight is factored",
         "gemm_const_a": "the Gemm's constant operand is A; only a constant B is factored",
         "two_constants": "both operands are constant: fold them first (fold-constants)"}
 
 
-def layer_params(stats: dict) -> tuple[int, int]:
-    layers = stats["layers"].values()
+def layer_params(decisions: dict) -> tuple[int, int]:
+    layers = decisions.values()
     return sum(v["params"]["before"] for v in layers), sum(v["params"]["after"] for v in layers)
 
 
@@ -120,15 +155,15 @@ def test_ratio_half_halves_the_product_weights_and_reports_fidelity(builder):
     products = [n.name for n in m.graph.node if n.op_type in ("Gemm", "MatMul")
                 and any(i.endswith(".weight") for i in n.input)]
     graph, result, worst = check_pass(m, FactorizeSVD(ratio=0.5))
-    assert sorted(result.stats["layers"]) == sorted(products)
-    before, after = layer_params(result.stats)
+    assert sorted(result.decisions) == sorted(products)
+    before, after = layer_params(result.decisions)
     assert 0.45 * before < after <= 0.5 * before
     report = optimize(gs.import_onnx(m), [FactorizeSVD(ratio=0.5)], latency=False).report
     measured = report["fidelity"]["outputs"]["output"]
     assert measured["cosine"] >= BOUND and min(worst.values()) >= BOUND
     assert 0 < measured["sqnr_db"] < 20  # lossy, and measured: random weights have flat spectra
     again = PassManager([FactorizeSVD(ratio=0.5)]).run(graph)[0]
-    assert refusals(again.stats) and all(r.startswith("already factored") for r in refusals(again.stats))
+    assert refusals(again.result) and all(r.startswith("already factored") for r in refusals(again.result))
 
 
 def test_sensitivity_allocation_spends_the_budget_where_it_costs_least():
@@ -136,8 +171,8 @@ def test_sensitivity_allocation_spends_the_budget_where_it_costs_least():
     graph, result, worst = check_pass(m, FactorizeSVD(ratio=0.5, allocation="sensitivity"))
     stats = result.stats
     total = sum(layer["size"] for layer in stats["sensitivity"]["layers"])
-    kept_whole = total - layer_params(stats)[0]
-    assert kept_whole + layer_params(stats)[1] <= 0.5 * total
+    kept_whole = total - layer_params(result.decisions)[0]
+    assert kept_whole + layer_params(result.decisions)[1] <= 0.5 * total
     assert set(stats["allocated_keep"]) == {layer["name"] for layer in stats["sensitivity"]["layers"]}
     _, _, uniform = check_pass(m, FactorizeSVD(ratio=0.5))
     assert worst["output"] > uniform["output"]

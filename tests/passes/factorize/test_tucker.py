@@ -3,12 +3,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 
 from graphopt import codegen
 from graphopt.ir import ort
 from graphopt.optimize import optimize
-from graphopt.passes.base import EXACT
+from graphopt.ir.errors import PipelineError
+from graphopt.passes.base import EXACT, option_help
+from graphopt.passes.manager import PassManager
 from graphopt.passes.factorize.tucker import FactorizeTucker
 from graphopt.testing import builders
 from graphopt.testing.check import check_pass, ops, refusals, rng_array
@@ -50,7 +53,7 @@ EXACT_CASES = {
 @pytest.mark.parametrize("case", EXACT_CASES)
 def test_exact_at_full_multilinear_rank(case):
     graph, result, _ = check_pass(EXACT_CASES[case], ExactTucker(energy=1.0))
-    layer = result.stats["layers"]["conv"]
+    layer = result.decisions["conv"]
     assert layer["ranks"] == {"out": 4, "in": 3} and layer["weight_error"] < 1e-5
     assert ops(graph) == ["Conv"] * 3 and layer["macs"]["after"] < layer["macs"]["before"]
     core = next(n for n in graph.nodes if n.name == "conv_tucker_core")
@@ -65,7 +68,7 @@ def test_error_falls_as_the_ranks_grow():
     errors = []
     for rank in (1, 2, 4, 8, 12):
         graph, result, _ = check_pass(m, FactorizeTucker(rank=rank))
-        assert result.stats["layers"]["conv"]["ranks"] == {"out": rank, "in": rank}
+        assert result.decisions["conv"]["ranks"] == {"out": rank, "in": rank}
         out = ort.run(graph, feeds)["y"]
         errors.append(np.linalg.norm(out - reference) / np.linalg.norm(reference))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
@@ -74,42 +77,58 @@ def test_error_falls_as_the_ranks_grow():
 def test_vbmf_finds_planted_ranks():
     w = tucker_weight(32, 24, (3, 3), 5, 3) + 0.01 * rng_array((32, 24, 3, 3), 8)
     graph, result, worst = check_pass(conv_model(w, (1, 24, 8, 8), pads=[1, 1, 1, 1]), FactorizeTucker(method="vbmf"))
-    assert result.stats["layers"]["conv"]["ranks"] == {"out": 5, "in": 3} and worst["y"] > 0.999
+    assert result.decisions["conv"]["ranks"] == {"out": 5, "in": 3} and worst["y"] > 0.999
 
 
 def test_refuses_depthwise_pointwise_and_grouped_convolutions():
     graph, result, _ = check_pass(builders.mobilenet(), FactorizeTucker(ratio=0.5))
-    reasons = set(refusals(result.stats))
+    reasons = set(refusals(result))
     assert "depthwise convolution (group=16): Tucker-2 needs group=1" in reasons
     assert "1x1 convolution: no spatial kernel to factor around" in reasons
     grouped = conv_model(rng_array((8, 4, 3, 3), 1), (1, 8, 6, 6), group=2)
     _, result, _ = check_pass(grouped, FactorizeTucker(rank=1), expect_modified=False)
-    assert refusals(result.stats) == ["grouped convolution (group=2): Tucker-2 needs group=1"]
+    assert refusals(result) == ["grouped convolution (group=2): Tucker-2 needs group=1"]
 
 
 def test_refuses_ranks_that_save_no_macs_and_shared_weights():
     m = conv_model(rng_array((16, 16, 3, 3), 3), (1, 16, 8, 8), pads=[1, 1, 1, 1])
     _, result, _ = check_pass(m, FactorizeTucker(rank=16), expect_modified=False)
-    assert refusals(result.stats) == ["ranks out 16, in 16 (rank=16): factors need 180,224 MACs where the layer "
+    assert refusals(result) == ["ranks out 16, in 16 (rank=16): factors need 180,224 MACs where the layer "
                                       "has 147,456; no saving"]  # 64 positions * 16 * 16 * (1 + 9 + 1) vs * 9
     w = rng_array((8, 3, 3, 3), 2)
     nodes = [node("Conv", ["x", "w"], ["a"], name="conv_a"), node("Conv", ["x", "w"], ["b"], name="conv_b")]
     shared = model(nodes, {"x": (1, 3, 6, 6)}, {"a": None, "b": None}, {"w": w})
     _, result, _ = check_pass(shared, FactorizeTucker(rank=1), expect_modified=False)
-    assert refusals(result.stats) == ["weight 'w' is shared with another node"] * 2
+    assert refusals(result) == ["weight 'w' is shared with another node"] * 2
 
 
 def test_a_strided_conv_pays_for_its_first_1x1_at_the_input_resolution():
     m = conv_model(rng_array((8, 64, 3, 3), 3), (1, 64, 16, 16), strides=[4, 4], pads=[1, 1, 1, 1])
     _, result, _ = check_pass(m, FactorizeTucker(rank=8), expect_modified=False)
-    (reason,) = refusals(result.stats)
+    (reason,) = refusals(result)
     before, after = 16 * 8 * 64 * 9, 256 * 64 * 8 + 16 * (8 * 8 * 9 + 8 * 8)
     assert reason.endswith(f"factors need {after:,} MACs where the layer has {before:,}; no saving")
 
 
+def test_include_and_exclude_patterns_and_the_factored_layer_keeps_its_name():
+    w = {"w0": rng_array((8, 4, 3, 3), 1), "w1": rng_array((8, 8, 3, 3), 2)}
+    nodes = [node("Conv", ["x", "w0"], ["h"], name="stem", pads=[1, 1, 1, 1]), node("Relu", ["h"], ["r"]),
+             node("Conv", ["r", "w1"], ["y"], name="block", pads=[1, 1, 1, 1])]
+    m = model(nodes, {"x": (1, 4, 8, 8)}, {"y": None}, w)
+    graph, result, _ = check_pass(m, FactorizeTucker(rank=2, include=("bl*",)))
+    assert list(result.decisions) == ["block"] and [(s.node, s.reason) for s in result.skipped] == [
+        ("stem", "not in include")]
+    assert [n.name for n in graph.nodes if n.op == "Conv"] == ["stem", "block_tucker_in", "block_tucker_core", "block"]
+    again = PassManager([FactorizeTucker(rank=2, exclude=("block",))]).run(graph)[0]
+    assert list(again.decisions) == ["stem"] and [s.node for s in again.skipped] == ["block"]
+    with pytest.raises(PipelineError, match="factorize-tucker: exclude=nosuchlayer matches no layer"):
+        PassManager([FactorizeTucker(energy=0.9, exclude="nosuchlayer")]).run(gs.import_onnx(m))
+    assert all(help_ for _, _, help_ in option_help(FactorizeTucker.Options))
+
+
 def test_resnet_at_ratio_half():
     graph, result, worst = check_pass(builders.resnet(), FactorizeTucker(ratio=0.5))
-    layers = result.stats["layers"].values()
+    layers = result.decisions.values()
     assert len(layers) == 5 and min(worst.values()) >= BOUND
     assert all(v["params"]["after"] <= 0.5 * v["params"]["before"] for v in layers)
     assert sum(v["macs"]["after"] for v in layers) < 0.55 * sum(v["macs"]["before"] for v in layers)
@@ -119,7 +138,7 @@ def test_sensitivity_allocation_meets_the_budget_and_is_idempotent():
     graph, result, _ = check_pass(builders.resnet(), FactorizeTucker(ratio=0.6, allocation="sensitivity"))
     stats = result.stats
     total = sum(layer["size"] for layer in stats["sensitivity"]["layers"])
-    factored = stats["layers"].values()
+    factored = result.decisions.values()
     kept = total - sum(v["params"]["before"] - v["params"]["after"] for v in factored)
     assert kept <= 0.6 * total and len(factored) < len(stats["sensitivity"]["layers"])
 

@@ -12,6 +12,7 @@ from graphopt.ir import io, ort
 from graphopt.ir.errors import PipelineError
 from graphopt.ir.graph import infer_shapes
 from graphopt.optimize import optimize
+from graphopt.passes.manager import PassManager
 from graphopt.passes.prune.channels import PruneChannels, select
 from graphopt.report import summarize
 from graphopt.testing import builders
@@ -38,7 +39,7 @@ def conv(x, y, w, name=None, **attrs):
 
 
 def pruned(result) -> list[dict]:
-    return [g for g in result.stats["groups"] if g["channels"][1] < g["channels"][0]]
+    return [g for g in result.decisions.values() if g["channels"][1] < g["channels"][0]]
 
 
 @pytest.mark.parametrize("builder", BUILDERS)
@@ -127,15 +128,18 @@ def test_reshape_target_and_grouped_conv_and_conv_transpose():
              node("ConvTranspose", ["gc", "wt", "bt"], ["t"], name="up", strides=[2, 2]),
              node("Reshape", ["t", "shape"], ["f"], name="flat"), node("Gemm", ["f", "g"], ["y"], name="gemm")]
     graph, result, _ = check_pass(model(nodes, {"x": (2, 3, 2, 2)}, {"y": None}, w), PruneChannels(ratio=0.5))
-    channels = {g["layers"][0]: g["channels"] for g in result.stats["groups"]}
-    assert channels == {"a": [8, 8], "gc": [8, 4], "up": [6, 3], "gemm": [3, 3]}
+    channels = {g["layers"][0]: g["channels"] for g in result.decisions.values()}
+    assert channels == {"gc": [8, 4], "up": [6, 3]}
+    assert {r.node for r in result.refused} == {"a", "gemm"}  # left whole: 8 and 3 channels
+    layers = {n.name: n for n in graph.nodes}
+    assert layers["a"].inputs[1].shape[0] == 8 and layers["gemm"].inputs[1].shape[1] == 3
     target = next(n for n in graph.nodes if n.op == "Reshape").inputs[1].values
     assert target.tolist() == [2, 48]
 
 
 def test_round_to_and_min_channels():
     _, result, _ = check_pass(builders.resnet(width=32), PruneChannels(ratio=0.3, round_to=8))
-    kept = [g["channels"] for g in result.stats["groups"] if "reason" not in g]
+    kept = [g["channels"] for g in result.decisions.values()]
     assert kept and all(after % 8 == 0 and after >= before * 0.7 for before, after in kept)
     _, result, _ = check_pass(builders.resnet(), PruneChannels(ratio=0.9, min_channels=6))
     assert {tuple(g["channels"]) for g in pruned(result)} == {(16, 6), (32, 6)}
@@ -157,9 +161,11 @@ def test_include_exclude_and_criteria():
     _, result, _ = check_pass(m, PruneChannels(include=("Conv_3",)))
     assert [g["layers"] for g in pruned(result)] == [["Conv_3"]]
     _, result, _ = check_pass(m, PruneChannels(exclude=("Conv_[0-2]",)))
-    assert "excluded by option exclude" in refusals(result.stats)
+    assert result.skipped and {s.reason for s in result.skipped} == {"excluded"}
+    assert all({"Conv_0", "Conv_1", "Conv_2"} & set(s.node.split("+")) for s in result.skipped)
+    assert pruned(result) and not {"Conv_0", "Conv_1", "Conv_2"} & {n for g in pruned(result) for n in g["layers"]}
     _, result, _ = check_pass(builders.mlp(), PruneChannels(criterion="bn_gamma"), expect_modified=False)
-    assert "criterion bn_gamma: no BatchNormalization scales these channels" in refusals(result.stats)
+    assert "criterion bn_gamma: no BatchNormalization scales these channels" in refusals(result)
     for criterion in ("l2", "bn_gamma"):
         check_pass(m, PruneChannels(criterion=criterion))
 
@@ -174,6 +180,24 @@ def test_importance_sums_over_coupled_layers():
     graph, _, _ = check_pass(model(nodes, {"x": (1, 3, 4, 4)}, {"y": None}, w), PruneChannels(ratio=0.25))
     kept_b = next(n for n in graph.nodes if n.name == "b").inputs[1].values
     assert np.array_equal(kept_b, w["wb"][[0, 1, 2]])
+
+
+def test_include_exclude_are_shell_patterns_over_the_group_layers():
+    m = builders.resnet(blocks=(2, 1))
+    # Including one layer of a coupled group prunes the whole group; excluding one leaves it whole.
+    _, result, _ = check_pass(m, PruneChannels(ratio=0.5, include=("Conv_0",)))
+    assert [sorted(g["layers"]) for g in pruned(result)] == [["Conv_0", "Conv_2", "Conv_4"]]
+    assert {s.reason for s in result.skipped} == {"not in include"}
+    _, result, _ = check_pass(m, PruneChannels(ratio=0.5, exclude=("Conv_4",)))
+    assert {"Conv_0", "Conv_2", "Conv_4"} in [set(s.node.split("+")) for s in result.skipped]
+    _, result, _ = check_pass(m, PruneChannels(ratio=0.5, include=("Gemm",)), expect_modified=False)
+    assert result.decisions == {} and [r.node for r in result.refused] == ["Gemm_0"]  # a graph output
+
+
+@pytest.mark.parametrize("options", [{"include": ("nosuchlayer",)}, {"exclude": ("Relu",)}])
+def test_a_pattern_that_matches_no_layer_is_an_error(options):
+    with pytest.raises(PipelineError, match="prune-channels: .* matches no layer this pass works on"):
+        PassManager([PruneChannels(ratio=0.3, **options)]).run(gs.import_onnx(builders.resnet()))
 
 
 def refusing_model():
@@ -192,7 +216,7 @@ def refusing_model():
 
 def test_refusals_are_listed_and_the_rest_is_pruned():
     _, result, _ = check_pass(refusing_model(), PruneChannels(ratio=0.5))
-    reasons = refusals(result.stats)
+    reasons = refusals(result)
     assert "weight 'shared' is shared with another node" in reasons
     assert "the channels reach graph output 'out1'" in reasons
     assert "the channels are read by LRN 'lrn', an op prune-channels does not follow" in reasons
@@ -253,11 +277,11 @@ def test_pruned_model_compiles_with_tvm(tmp_path):
 
 
 # -- allocation="sensitivity": `ratio` is a budget of prunable MACs spread by measured sensitivity --
-def rounding_slack(stats: dict, round_to: int) -> float:
+def rounding_slack(result, round_to: int) -> float:
     """The most one rounding step of one group can move the removed cost: its size per unit
     ratio times the fraction of its channels one step is."""
-    channels = {"+".join(g["layers"]): g["channels"][0] for g in stats["groups"]}
-    return max(layer["size"] * round_to / channels[layer["name"]] for layer in stats["sensitivity"]["layers"])
+    channels = {"+".join(g["layers"]): g["channels"][0] for g in result.decisions.values()}
+    return max(layer["size"] * round_to / channels[layer["name"]] for layer in result.stats["sensitivity"]["layers"])
 
 
 @pytest.mark.parametrize("builder,round_to", [("resnet", 1), ("resnet", 8), ("mobilenet", 1), ("mobilenet", 8),
@@ -269,9 +293,9 @@ def test_sensitivity_allocation_meets_the_mac_budget(builder, round_to):
     stats, budget = result.stats, result.stats["budget"]
     assert budget["removed"] == stats["macs"][0] - stats["macs"][1]  # the cost model is exact
     assert budget["target"] == pytest.approx(0.5 * budget["prunable"], abs=1)
-    assert abs(budget["removed"] - budget["target"]) <= rounding_slack(stats, round_to)
+    assert abs(budget["removed"] - budget["target"]) <= rounding_slack(result, round_to)
     assert all(after % round_to == 0 for _, after in (g["channels"] for g in pruned(result)))
-    assert len(stats["sensitivity"]["layers"]) == len([g for g in stats["groups"] if "reason" not in g])
+    assert len(stats["sensitivity"]["layers"]) == len(result.decisions)
 
 
 def test_sensitivity_allocation_by_params():
@@ -279,14 +303,18 @@ def test_sensitivity_allocation_by_params():
                                                                budget_metric="params"))
     stats, budget = result.stats, result.stats["budget"]
     assert budget["metric"] == "params" and budget["removed"] == stats["params"][0] - stats["params"][1]
-    assert abs(budget["removed"] - budget["target"]) <= rounding_slack(stats, 1)
+    assert abs(budget["removed"] - budget["target"]) <= rounding_slack(result, 1)
 
 
 def test_sensitivity_allocation_never_prunes_a_refused_group():
-    _, result, _ = check_pass(refusing_model(), PruneChannels(ratio=0.6, allocation="sensitivity"))
+    m = refusing_model()
+    graph, result, _ = check_pass(m, PruneChannels(ratio=0.6, allocation="sensitivity"))
     assert [layer["name"] for layer in result.stats["sensitivity"]["layers"]] == ["e", "g"]
     assert {layer for g in pruned(result) for layer in g["layers"]} <= {"e", "g"}
-    assert all(g["channels"][1] == g["channels"][0] for g in result.stats["groups"] if "reason" in g)
+    assert set(result.decisions) == {"e", "g"}  # the refused groups are left whole:
+    before = {n.name: n.inputs[1].shape[0] for n in gs.import_onnx(m).nodes if n.op == "Conv"}
+    assert {n.name: n.inputs[1].shape[0] for n in graph.nodes if n.op == "Conv" and n.name not in ("e", "g")} == \
+        {name: c for name, c in before.items() if name not in ("e", "g")}
 
 
 def test_sensitivity_allocation_edges():

@@ -10,7 +10,9 @@ from graphopt.ir import io, ort
 from graphopt.ir.errors import PipelineError
 from graphopt.optimize import optimize
 from graphopt.passes.pipeline import Pipeline
-from graphopt.passes.prune.magnitude import PruneMagnitude, budget_counts, global_counts, select_layers, zero_smallest
+from graphopt.passes.base import PassResult
+from graphopt.passes.manager import PassManager
+from graphopt.passes.prune.magnitude import PruneMagnitude, budget_counts, global_counts, zero_smallest
 from graphopt.testing import builders
 from graphopt.testing.check import check_pass, refusals, rng_array
 from graphopt.testing.tiny import model, node
@@ -36,9 +38,9 @@ def zero_fraction(values: np.ndarray) -> float:
 def test_builders_at_half_sparsity_within_the_declared_bound(builder):
     graph, result, worst = check_pass(BUILDERS[builder](), PruneMagnitude(sparsity=0.5))
     assert min(worst.values()) >= BOUND
-    sparsities = [layer["sparsity"] for layer in result.stats["layers"].values()]
+    sparsities = [layer["sparsity"] for layer in result.decisions.values()]
     assert sparsities and all(abs(s - 0.5) < 0.01 for s in sparsities)
-    assert result.stats["params_zeroed"] > 0 and result.stats["refused"] == []
+    assert result.stats["params_zeroed"] > 0 and result.refused == []
 
 
 @pytest.mark.parametrize("builder", BUILDERS)
@@ -53,7 +55,7 @@ def test_sparsity_zero_is_identical(builder):
 
 def test_global_scope_hits_the_target_overall_with_uneven_layers():
     graph, result, worst = check_pass(builders.resnet(), PruneMagnitude(sparsity=0.5, scope="global"))
-    layers = result.stats["layers"]
+    layers = result.decisions
     total = sum(layer["params"] for layer in layers.values())
     zeroed = sum(round(layer["sparsity"] * layer["params"]) for layer in layers.values())
     assert abs(zeroed - 0.5 * total) <= len(layers)  # per-layer sparsities are rounded in stats
@@ -66,10 +68,10 @@ def test_sensitivity_allocation_meets_the_budget_and_is_idempotent():
     # check_pass runs the pass twice: the second run finds the budget met and changes nothing.
     graph, result, worst = check_pass(builders.mlp(), PruneMagnitude(sparsity=0.5, allocation="sensitivity"))
     stats = result.stats
-    total = sum(layer["params"] for layer in stats["layers"].values())
+    total = sum(layer["params"] for layer in result.decisions.values())
     assert round(stats["sparsity"] * total) == round(0.5 * total)
-    assert set(stats["allocated"]) == set(stats["layers"])
-    assert [layer["name"] for layer in stats["sensitivity"]["layers"]] == list(stats["layers"])
+    assert set(stats["allocated"]) == set(result.decisions)
+    assert [layer["name"] for layer in stats["sensitivity"]["layers"]] == list(result.decisions)
     assert min(worst.values()) >= BOUND
 
 
@@ -78,14 +80,14 @@ def test_options_choose_layers_and_bias():
     first, last = "Conv_0", "Gemm_0"
     graph, result, _ = check_pass(m, PruneMagnitude(sparsity=0.5, skip_first=True, skip_last=True,
                                                     exclude=("Conv_2",), prune_bias=True))
-    skipped = {s["node"]: s["reason"] for s in result.stats["skipped"]}
+    skipped = {s.node: s.reason for s in result.skipped}
     assert skipped == {first: "first layer (skip_first)", last: "last layer (skip_last)", "Conv_2": "excluded"}
     after = weights(graph)
     assert zero_fraction(after[f"{first}.weight"]) == 0 and zero_fraction(after[f"{last}.weight"]) == 0
     assert zero_fraction(after["Conv_1.weight"]) > 0.4
     only_gemm = PruneMagnitude(sparsity=0.5, include=("Gemm",), prune_bias=True)
     graph, result, _ = check_pass(builders.mlp(), only_gemm)
-    assert list(result.stats["layers"]) == ["Gemm_0"] and zero_fraction(weights(graph)["Gemm_0.bias"]) > 0
+    assert list(result.decisions) == ["Gemm_0"] and zero_fraction(weights(graph)["Gemm_0.bias"]) > 0
 
 
 def shared_weight_model():
@@ -97,8 +99,8 @@ def shared_weight_model():
 
 def test_refuses_a_shared_weight():
     graph, result, _ = check_pass(shared_weight_model(), PruneMagnitude(sparsity=0.5))
-    assert refusals(result.stats) == ["weight 'w' is shared with another node"] * 2
-    assert list(result.stats["layers"]) == ["conv_c"] and zero_fraction(weights(graph)["w"]) == 0
+    assert refusals(result) == ["weight 'w' is shared with another node"] * 2
+    assert list(result.decisions) == ["conv_c"] and zero_fraction(weights(graph)["w"]) == 0
 
 
 def test_refuses_a_weight_that_is_a_graph_output():
@@ -106,7 +108,7 @@ def test_refuses_a_weight_that_is_a_graph_output():
     m = model([node("MatMul", ["x", "w"], ["y"], name="mm")], {"x": (2, 4)}, {"y": None}, {"w": w})
     m.graph.output.append(onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 6]))
     graph, result, _ = check_pass(m, PruneMagnitude(sparsity=0.5), expect_modified=False)
-    assert refusals(result.stats) == ["weight 'w' is a graph output"]
+    assert refusals(result) == ["weight 'w' is a graph output"]
     assert np.array_equal(weights(graph)["w"], w)
 
 
@@ -114,9 +116,10 @@ def test_refuses_integer_weights_and_skips_activation_products():
     w = np.arange(24, dtype=np.int32).reshape(4, 6)
     nodes = [node("MatMul", ["x", "w"], ["y"], name="mm"), node("MatMul", ["x", "t"], ["z"], name="act")]
     m = model(nodes, {"x": (2, 4), "t": (4, 3)}, {"y": None, "z": None}, {"w": w}, dtype=onnx.TensorProto.INT32)
-    selection = select_layers(gs.import_onnx(m))
-    assert selection.layers == [] and [r["node"] for r in selection.refused] == ["mm"]
-    assert "int32, not floating point" in selection.refused[0]["reason"]
+    result = PassResult(False)
+    assert PruneMagnitude().select(gs.import_onnx(m), result) == []
+    assert [r.node for r in result.refused] == ["mm"] and result.skipped == []
+    assert "int32, not floating point" in result.refused[0].reason
 
 
 def test_bad_options_are_actionable():
@@ -124,10 +127,11 @@ def test_bad_options_are_actionable():
         PruneMagnitude(sparsity=1.5)
     with pytest.raises(PipelineError, match="scope='layer'"):
         PruneMagnitude(scope="global", allocation="sensitivity")
-    with pytest.raises(PipelineError, match="no prunable layer or op named Conv_9"):
+    with pytest.raises(PipelineError, match="prune-magnitude: exclude=Conv_9 matches no layer"):
         check_pass(builders.resnet(), PruneMagnitude(exclude=("Conv_9",)))
+    # LayerOptions' include and exclude come first.
     assert str(Pipeline.parse("prune-magnitude(sparsity=0.8,include=Conv|Gemm)")) == \
-        "prune-magnitude(sparsity=0.8,include=('Conv', 'Gemm'))"
+        "prune-magnitude(include=('Conv', 'Gemm'),sparsity=0.8)"
 
 
 def test_kernels_count_exactly():
@@ -139,10 +143,51 @@ def test_kernels_count_exactly():
     assert budget_counts([7, 3], [3 / 7, 1.0], 6) == [3, 3]
 
 
+def uneven_model():
+    """Three convolutions whose weights differ in scale, so that one threshold takes unequal shares."""
+    w = {"a": rng_array((8, 3, 3, 3), 2) * 0.1, "b": rng_array((8, 8, 3, 3), 3), "c": rng_array((4, 8, 3, 3), 4) * 3}
+    nodes = [node("Conv", ["x", "a"], ["ya"], name="conv_a", pads=[1, 1, 1, 1]),
+             node("Conv", ["ya", "b"], ["yb"], name="conv_b", pads=[1, 1, 1, 1]),
+             node("Conv", ["yb", "c"], ["y"], name="conv_c", pads=[1, 1, 1, 1])]
+    return model(nodes, {"x": (1, 3, 6, 6)}, {"y": None}, w)
+
+
 def test_global_counts_follow_one_threshold():
-    graph = gs.import_onnx(shared_weight_model())
-    layers = select_layers(graph).layers
-    assert sum(global_counts(layers, 0.5)) == round(0.5 * sum(layer.size for layer in layers))
+    m = uneven_model()
+    before = weights(gs.import_onnx(m))
+    # Independently: the k-th smallest magnitude over all layers is the threshold; each layer
+    # loses exactly its values at or below it.
+    magnitudes = np.sort(np.concatenate([np.abs(v).ravel() for v in before.values()]))
+    k = round(0.5 * magnitudes.size)
+    assert magnitudes[k - 1] < magnitudes[k]  # no tie at the threshold
+    expected = {f"conv_{name}": int(np.sum(np.abs(v) <= magnitudes[k - 1])) for name, v in before.items()}
+    shares = [expected[f"conv_{name}"] / before[name].size for name in "abc"]
+    assert shares[0] > shares[1] > shares[2] > 0  # the scales make the layers' shares uneven
+    layers = PruneMagnitude().select(gs.import_onnx(m), PassResult(False))
+    counts = global_counts([layer.match for layer in layers], 0.5)
+    assert dict(zip([layer.name for layer in layers], counts)) == expected
+    graph, result, _ = check_pass(m, PruneMagnitude(sparsity=0.5, scope="global"))
+    after = weights(graph)
+    assert {f"conv_{name}": v.size - np.count_nonzero(v) for name, v in after.items()} == expected
+    assert {name: d["zeros"] for name, d in result.decisions.items()} == expected
+    threshold = magnitudes[k - 1]
+    assert all(np.array_equal(after[n], np.where(np.abs(before[n]) > threshold, before[n], 0)) for n in after)
+
+
+def test_include_and_exclude_are_shell_patterns_over_names_and_op_types():
+    _, result, _ = check_pass(builders.resnet(), PruneMagnitude(include=("Conv_[12]", "Gemm")))
+    assert list(result.decisions) == ["Conv_1", "Conv_2", "Gemm_0"]
+    assert result.skipped and all(s.reason == "not in include" for s in result.skipped)
+    _, result, _ = check_pass(builders.resnet(), PruneMagnitude(exclude=("Conv*",)))
+    assert list(result.decisions) == ["Gemm_0"] and all(s.reason == "excluded" for s in result.skipped)
+
+
+@pytest.mark.parametrize("options", [{"include": ("nosuchlayer",)}, {"exclude": ("Relu*",)},
+                                     {"include": ("Gemm", "nosuch*")}])
+def test_a_pattern_that_matches_no_layer_is_an_error(options):
+    # A Relu is a node of the graph, but not a layer this pass prunes: naming it is a mistake.
+    with pytest.raises(PipelineError, match="prune-magnitude: .* matches no layer this pass works on"):
+        PassManager([PruneMagnitude(**options)]).run(gs.import_onnx(builders.resnet()))
 
 
 def digits_accuracy(graph) -> float:

@@ -8,8 +8,9 @@ from onnx import numpy_helper
 
 from graphopt.ir import io
 from graphopt.ir.errors import PipelineError
-from graphopt.passes.prune.n_m import PruneNM, group_size, keep_n_of_m, reduction_axis
-from graphopt.passes.prune.magnitude import weight_index
+from graphopt.passes.base import PassResult
+from graphopt.passes.manager import PassManager
+from graphopt.passes.prune.n_m import PruneNM, group_size, keep_n_of_m
 from graphopt.testing import builders
 from graphopt.testing.check import check_pass, refusals, rng_array
 from graphopt.testing.tiny import model, node
@@ -20,6 +21,22 @@ BUILDERS = {"resnet": builders.resnet, "mobilenet": builders.mobilenet, "mlp": b
 BOUND = PruneNM.info.semantics.bound
 
 
+def reduction_axis_of(nd: gs.Node, index: int, ndim: int) -> int:
+    """The weight axis each output sums over, written out per op from the ONNX operator specs
+    (independent of the pass's own `reduction_axis`)."""
+    if nd.op == "Conv":  # W: (M, C/group, kH, kW)
+        return 1
+    if nd.op == "ConvTranspose":  # W: (C, M/group, kH, kW)
+        return 0
+    if nd.op == "Gemm" and index == 1:  # B: (K, N), or (N, K) with transB
+        return 1 if nd.attrs.get("transB", 0) else 0
+    if nd.op == "Gemm":  # A: (M, K), or (K, M) with transA
+        return 0 if nd.attrs.get("transA", 0) else 1
+    if ndim == 1:  # MatMul with a vector: it is all K
+        return 0
+    return ndim - 2 if index == 1 else ndim - 1  # MatMul B: (..., K, N); A: (..., M, K)
+
+
 def violations(path: Path, layers: list[str], n: int, m: int) -> dict[str, int]:
     """Groups of M with more than N non-zeros, per pruned layer, read back from the saved file."""
     saved = onnx.load(str(path))
@@ -28,10 +45,9 @@ def violations(path: Path, layers: list[str], n: int, m: int) -> dict[str, int]:
     found = {}
     for name in layers:
         nd = nodes[name]
-        index = weight_index(nd)
+        index = 1 if nd.inputs[1].name in inits else 0  # the constant operand, B when both are
         w = inits[nd.inputs[index].name]
-        axis = reduction_axis(nd, index, w.ndim)
-        groups = np.moveaxis(w, axis, -1).reshape(-1, m)
+        groups = np.moveaxis(w, reduction_axis_of(nd, index, w.ndim), -1).reshape(-1, m)
         found[name] = int(np.sum(np.count_nonzero(groups, axis=1) > n))
     return found
 
@@ -40,17 +56,17 @@ def violations(path: Path, layers: list[str], n: int, m: int) -> dict[str, int]:
 def test_builders_two_four_pattern_in_the_saved_model(builder, tmp_path):
     graph, result, worst = check_pass(BUILDERS[builder](), PruneNM())
     assert min(worst.values()) >= BOUND
-    layers = list(result.stats["layers"])
-    assert layers and all(abs(s["sparsity"] - 0.5) < 0.01 for s in result.stats["layers"].values())
+    layers = list(result.decisions)
+    assert layers and all(abs(s["sparsity"] - 0.5) < 0.01 for s in result.decisions.values())
     path = io.save(graph, tmp_path / "pruned.onnx")
     assert violations(path, layers, 2, 4) == dict.fromkeys(layers, 0)
 
 
 def test_refuses_reduction_sizes_that_are_not_a_multiple_of_m():
     _, result, _ = check_pass(builders.resnet(), PruneNM())
-    assert refusals(result.stats) == ["reduction size 3 of Conv 'Conv_0' is not a multiple of 4"]
+    assert refusals(result) == ["reduction size 3 of Conv 'Conv_0' is not a multiple of 4"]
     _, result, _ = check_pass(builders.mobilenet(), PruneNM())
-    depthwise = [r for r in refusals(result.stats) if "reduction size 1 " in r]
+    depthwise = [r for r in refusals(result) if "reduction size 1 " in r]
     assert len(depthwise) == 3  # one per separable block
 
 
@@ -77,15 +93,33 @@ CASES = {
 def test_pattern_on_each_op_layout(case, n, m, tmp_path):
     nodes, inputs, w = CASES[case]
     graph, result, _ = check_pass(model(nodes, inputs, {"y": None}, w), PruneNM(n=n, m=m))
-    assert result.stats["layers"]["layer"]["sparsity"] == pytest.approx(1 - n / m)
+    assert result.decisions["layer"]["sparsity"] == pytest.approx(1 - n / m)
     assert violations(io.save(graph, tmp_path / "m.onnx"), ["layer"], n, m) == {"layer": 0}
+
+
+def test_the_pattern_check_sees_runs_along_the_wrong_axis(tmp_path):
+    # A Gemm weight (K, N) = (8, 8) thinned along N instead of K: the check must notice.
+    w = keep_n_of_m(rng_array((8, 8), 3), 1, 2, 4)
+    m = model([node("Gemm", ["x", "w"], ["y"], name="layer")], {"x": (3, 8)}, {"y": None}, {"w": w})
+    assert violations(io.save(gs.import_onnx(m), tmp_path / "m.onnx"), ["layer"], 2, 4)["layer"] > 0
+
+
+def test_include_exclude_patterns_and_skips():
+    graph = gs.import_onnx(builders.mlp())
+    result = PassResult(False)
+    layers = PruneNM(include=("MatMul_*",), skip_first=True).select(graph, result)
+    assert [layer.name for layer in layers] == ["MatMul_1"]
+    assert [(s.node, s.reason) for s in result.skipped] == [("MatMul_0", "first layer (skip_first)"),
+                                                            ("Gemm_0", "not in include")]
+    with pytest.raises(PipelineError, match="prune-n-m: include=nosuchlayer matches no layer"):
+        PassManager([PruneNM(include=("nosuchlayer",))]).run(graph)
 
 
 def test_convtranspose_groups_must_hold_whole_runs_of_m():
     nodes = [node("ConvTranspose", ["x", "w"], ["y"], name="layer", group=2)]
     m = model(nodes, {"x": (1, 12, 4, 4)}, {"y": None}, {"w": rng_array((12, 3, 2, 2), 2)})
     _, result, _ = check_pass(m, PruneNM(), expect_modified=False)
-    assert refusals(result.stats) == ["reduction size 6 of ConvTranspose 'layer' is not a multiple of 4"]
+    assert refusals(result) == ["reduction size 6 of ConvTranspose 'layer' is not a multiple of 4"]
 
 
 def test_conv_groups_run_along_input_channels_at_each_kernel_tap():
@@ -101,7 +135,7 @@ def test_refuses_shared_weights():
     w = {"w": rng_array((8, 8), 1), "b": rng_array((8,), 2)}
     graph, result, _ = check_pass(model(nodes, {"x": (2, 8)}, {"y": None, "z": None}, w), PruneNM(),
                                   expect_modified=False)
-    assert refusals(result.stats) == ["weight 'w' is shared with another node"] * 2
+    assert refusals(result) == ["weight 'w' is shared with another node"] * 2
 
 
 def test_digits_two_four_within_bound():
@@ -109,7 +143,7 @@ def test_digits_two_four_within_bound():
     data = np.load(ROOT / "models" / "digits_test.npz")
     _, result, worst = check_pass(graph, PruneNM(), inputs=[{"x": data["x"]}])
     assert min(worst.values()) >= BOUND
-    assert [r["node"] for r in result.stats["refused"]] == ["conv0"]  # one input channel
+    assert [r.node for r in result.refused] == ["conv0"]  # one input channel
 
 
 def test_bad_options():

@@ -32,10 +32,10 @@ def test_builders_within_bound(build, calibration):
     graph, result, worst = check_pass(BUILDERS[build](), Quantize(calibration=calibration))
     assert min(worst.values()) >= BOUND, worst
     assert "warning" in result.stats  # no --data: random calibration is flagged
-    quantized = [n for n in graph.nodes if n.name in result.stats["layers"]]
+    quantized = [n for n in graph.nodes if n.name in result.decisions]
     assert quantized
     assert all(n.inputs[1].inputs[0].op == "DequantizeLinear" for n in quantized)
-    assert all("output_sqnr_db" in s and "weight_sqnr_db" in s for s in result.stats["layers"].values())
+    assert all("output_sqnr_db" in s and "weight_sqnr_db" in s for s in result.decisions.values())
 
 
 def test_qdq_layout_matches_onnxruntime_conventions():
@@ -78,25 +78,64 @@ def test_refuses_shared_weight_and_old_opset():
     m = model([node("MatMul", ["x", "w"], ["h"], name="a"), node("MatMul", ["h", "w"], ["y"], name="b")],
               {"x": (2, 6)}, {"y": (2, 6)}, {"w": w})
     _, result, _ = check_pass(m, Quantize(), expect_modified=False)
-    assert any("shared" in r for r in refusals(result.stats))
+    assert any("shared" in r for r in refusals(result))
     old = model([node("MatMul", ["x", "w"], ["y"], name="a")], {"x": (2, 6)}, {"y": (2, 6)}, {"w": w}, opset=11)
     graph = gs.import_onnx(old)
     result = Quantize().run(graph, PassContext())
-    assert not result.modified and any("opset 11" in r for r in refusals(result.stats))
+    assert not result.modified and any("opset 11" in r for r in refusals(result))
 
 
 def test_include_exclude_and_keep_float():
     graph, result, _ = check_pass(builders.mlp(), Quantize(exclude=("MatMul_0",)))
-    assert "MatMul_0" not in result.stats["layers"]
+    assert "MatMul_0" not in result.decisions
     with pytest.raises(PipelineError, match="MatMul_9"):
         Quantize(include=("MatMul_9",)).run(gs.import_onnx(builders.mlp()), PassContext())
     graph, result, _ = check_pass(builders.mlp(), Quantize(keep_float=1))
-    assert len(result.stats["kept_float"]) == 1
-    worst_layer = min(result.stats["sensitivity_sqnr_db"], key=result.stats["sensitivity_sqnr_db"].get)
-    assert result.stats["kept_float"] == [worst_layer]
+    kept = [name for name, d in result.decisions.items() if d["chosen"] == "float"]
+    assert len(kept) == 1
+    sensitivity = {name: d["sensitivity_sqnr_db"] for name, d in result.decisions.items()}
+    assert kept == [min(sensitivity, key=sensitivity.get)]
+    assert all(d["reason"] for d in result.decisions.values())
     # A second run, whatever its options, leaves the layer the first kept in float alone.
     again = Quantize().run(graph, PassContext())
-    assert not again.modified and any("already" in r for r in refusals(again.stats))
+    assert not again.modified and any("already" in r for r in refusals(again))
+
+
+def conv_gemm_model() -> onnx.ModelProto:
+    return model([node("Conv", ["x", "w"], ["c"], name="conv_a", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+                  node("Conv", ["c", "w2"], ["d"], name="conv_b", kernel_shape=[1, 1]),
+                  node("Flatten", ["d"], ["f"]), node("Gemm", ["f", "g", "gb"], ["y"], name="fc", transB=1)],
+                 {"x": (2, 3, 4, 4)}, {"y": (2, 5)},
+                 {"w": rng_array((4, 3, 3, 3)), "w2": rng_array((4, 4, 1, 1), 1), "g": rng_array((5, 64), 2),
+                  "gb": rng_array((5,), 3)})
+
+
+@pytest.mark.parametrize("options, quantized", [
+    (dict(include=("conv_*",)), {"conv_a", "conv_b"}),  # a shell pattern over node names
+    (dict(include=("Gemm",)), {"fc"}),  # an op type
+    (dict(exclude=("*_b", "Gemm")), {"conv_a"}),
+    (dict(include=("Conv",), exclude=("conv_a",)), {"conv_b"}),
+])
+def test_include_exclude_patterns(options, quantized):
+    graph, result, _ = check_pass(conv_gemm_model(), Quantize(**options))
+    assert set(result.decisions) == quantized
+    assert {s.node for s in result.skipped} == {"conv_a", "conv_b", "fc"} - quantized
+    assert all(s.reason in ("not in include", "excluded") for s in result.skipped)
+    assert all(n.inputs[1].inputs[0].op == "DequantizeLinear" for n in graph.nodes if n.name in quantized)
+
+
+@pytest.mark.parametrize("spec", ["quantize(include=nosuchlayer)", "quantize(exclude=conv_a|Relu)"])
+def test_pattern_matching_no_layer_is_an_error(spec):
+    with pytest.raises(PipelineError, match="matches no layer"):
+        optimize(gs.import_onnx(conv_gemm_model()), spec, latency=False)
+
+
+def test_constant_left_operand_refused_with_reason():
+    m = model([node("MatMul", ["w", "x"], ["y"], name="left")], {"x": (6, 2)}, {"y": (4, 2)},
+              {"w": rng_array((4, 6))})
+    _, result, _ = check_pass(m, Quantize(), expect_modified=False)
+    assert [(r.node, r.reason) for r in result.refused] == \
+        [("left", "constant left operand (only input 1 is quantized as a weight)")]
 
 
 def accuracy(model, data) -> float:
@@ -136,7 +175,7 @@ def test_digits_accuracy_at_least_onnxruntime_quantizer(method, tmp_path):
     # One test sample is 1/540 = 0.0019; the margin allows no sample less than onnxruntime gets.
     assert ours >= theirs - 1e-9
     assert ours >= fp32 - 0.005
-    layers = next(p for p in result.report["passes"] if p["name"].startswith("quantize"))["stats"]["layers"]
+    layers = next(p for p in result.report["passes"] if p["name"].startswith("quantize"))["decisions"]
     assert all(s["output_sqnr_db"] > 20 for s in layers.values()), layers
 
 
