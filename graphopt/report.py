@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-import zlib
+import re
 from html import escape
 from collections import Counter
 from pathlib import Path
@@ -11,32 +11,38 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir.cost import count, macs
-from graphopt.ir.graph import export, np_dtype
+from graphopt.ir import stream
+from graphopt.ir.graph import np_dtype
+from graphopt.ir.shapes import specialize
 
-# Serialising more than this fails in protobuf; the compressed size of such a model is left out.
+# The compressed size of a model over this (what one protobuf can hold) is left out: compressing
+# gigabytes takes minutes.
 _SERIALIZE_LIMIT = 2**31 - 1
 # zlib's default level, which gzip uses too: the size a user sees after `gzip model.onnx`.
 _ZLIB_LEVEL = 6
 
 
-def summarize(graph: gs.Graph, layers: bool = False) -> dict:
+def summarize(graph: gs.Graph, layers: bool = False, shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
     """params, size_bytes (serialized), compressed_bytes (serialized, then zlib level 6; None over
     2 GiB), sparsity (fraction of zeros among the floating-point constants), macs and an ops
     histogram; per-layer MACs, parameters and sparsity when asked.
 
-    MACs need shapes (run shape inference first); symbolic dimensions count as 1.
+    MACs need shapes: with `shapes` (concrete input shapes) they are counted on the graph
+    specialized to them (`input_shapes` in the summary), else on the shapes the graph carries
+    (run shape inference first), where symbolic dims count as 1 (listed in `symbolic_dims`).
+    `inputs` and `outputs` are always the model's own, symbolic dims included.
     """
-    constants = {id(t): t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    sized = specialize(graph, shapes) if shapes is not None else graph
+    constants = {id(t): t for t in sized.tensors().values() if isinstance(t, gs.Constant)}
     zeros = {key: _zeros(t) for key, t in constants.items()}
-    per_layer = [_layer(n, zeros) for n in graph.nodes]
+    per_layer = [_layer(n, zeros) for n in sized.nodes]
     floats, zero = (sum(z[i] for z in zeros.values()) for i in (0, 1))
-    model = export(graph)
-    size = model.ByteSize()
+    # Counted on the file as it is streamed out, so a 3 GB model is never one protobuf in memory.
+    size = stream.size(graph)
     summary = {
         "params": int(sum(count(t.shape) for t in constants.values())),
         "size_bytes": int(size),
-        "compressed_bytes": len(zlib.compress(model.SerializeToString(), _ZLIB_LEVEL)) if size <= _SERIALIZE_LIMIT
-        else None,
+        "compressed_bytes": stream.compressed_size(graph, _ZLIB_LEVEL) if size <= _SERIALIZE_LIMIT else None,
         "sparsity": round(zero / floats, 4) if floats else 0.0,
         "macs": int(sum(layer["macs"] for layer in per_layer)),
         "ops": dict(sorted(Counter(n.op for n in graph.nodes).items())),
@@ -44,9 +50,22 @@ def summarize(graph: gs.Graph, layers: bool = False) -> dict:
         "inputs": [_io(t) for t in graph.inputs if isinstance(t, gs.Variable)],
         "outputs": [_io(t) for t in graph.outputs],
     }
+    if shapes is not None:
+        summary["input_shapes"] = {k: list(v) for k, v in shapes.items()}
+    symbolic = _symbolic_dims(sized)
+    if symbolic:
+        summary["symbolic_dims"] = symbolic
     if layers:
         summary["layers"] = [layer for layer in per_layer if layer["macs"] or layer["params"]]
     return summary
+
+
+def _symbolic_dims(graph: gs.Graph) -> list[str]:
+    """Names of the input dims past the leading (batch) one that are still symbolic, which MACs
+    count as 1; one sample per batch is what MACs are meant to count."""
+    dims = [str(d) for t in graph.inputs if isinstance(t, gs.Variable) for d in (t.shape or ())[1:]
+            if not isinstance(d, (int, np.integer))]
+    return list(dict.fromkeys(dims))
 
 
 def _io(t: gs.Tensor) -> dict:
@@ -97,7 +116,7 @@ def format_summary(summary: dict) -> str:
         f"size        {summary['size_bytes']:,} bytes",
         f"compressed  {_maybe(summary.get('compressed_bytes'))} bytes (zlib level 6)",
         f"sparsity    {summary.get('sparsity', 0.0):.2%} of floating-point weights are zero",
-        f"MACs        {summary['macs']:,}",
+        f"MACs        {summary['macs']:,}{_macs_note(summary)}",
         f"nodes       {summary['nodes']}",
         "inputs      " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in summary["inputs"]),
         "outputs     " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in summary["outputs"]),
@@ -111,6 +130,15 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{layer['name']:<{width}}  {layer['op']:<18} {layer['params']:>12,} {layer['macs']:>14,} "
                          f"{layer.get('sparsity', 0.0):>9.2%}")
     return "\n".join(lines)
+
+
+def _macs_note(summary: dict) -> str:
+    if summary.get("symbolic_dims"):
+        return (f"  (symbolic dims {', '.join(summary['symbolic_dims'])} counted as 1: "
+                f"give --input-shape for the real count)")
+    if summary.get("input_shapes"):
+        return "  at " + ", ".join(f"{k}={','.join(map(str, v))}" for k, v in summary["input_shapes"].items())
+    return ""
 
 
 def write_html(report: dict, path: Path) -> None:
@@ -154,6 +182,47 @@ def write_html(report: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(html)
     tmp.replace(path)
+
+
+def pass_outcome(record: dict, groups: int = 3) -> str | None:
+    """One line for a pass that changed nothing or left layers alone, with why, grouped by reason
+    (`record` is `PassRecord.as_dict()`): "winograd: changed nothing: 0 of 12 layers; refused
+    9 x stride [2, 2] is not 1, 3 x group=2: ...". None for a pass that changed everything it
+    looked at."""
+    name, modified = record["name"], record["modified"]
+    whole = [r for r in record.get("skipped", []) if not r["node"]]
+    if whole and not modified:
+        return f"{name}: skipped: {whole[0]['reason']}"
+    refused = [r for r in record.get("refused", []) if r["node"]]
+    skipped = [r for r in record.get("skipped", []) if r["node"]]
+    left = {r["node"] for r in refused + skipped}
+    if not left:
+        return None if modified else f"{name}: changed nothing: nothing it rewrites is in the model"
+    done = {k for k in record.get("decisions", {}) if k not in left}
+    why = "; ".join(f"{kind} {_grouped(rs, groups)}" for kind, rs in (("refused", refused), ("skipped", skipped)) if rs)
+    if not modified:
+        return f"{name}: changed nothing: 0 of {len(left)} layers; {why}"
+    if done:
+        return f"{name}: {len(done)} of {len(done | left)} layers; {why}"
+    return f"{name}: left {len(left)} layers alone; {why}"  # a rule pass: what it changed has no list
+
+
+def _grouped(refusals: list[dict], groups: int) -> str:
+    """'9 x reason, 3 x reason, +2 other reasons': one entry per reason with node and tensor names
+    and bracketed shapes taken out, the most frequent first, each shown by its first instance."""
+    by_key: dict[str, tuple[str, set]] = {}
+    for r in refusals:
+        text = f"{r['rule']}: {r['reason']}" if r.get("rule") else r["reason"]
+        by_key.setdefault(_QUOTED.sub("…", text), (text, set()))[1].add(r["node"])
+    ranked = sorted(by_key.values(), key=lambda v: -len(v[1]))
+    shown = [f"{len(nodes)} x {text}" for text, nodes in ranked[:groups]]
+    if len(ranked) > groups:
+        shown.append(f"+{len(ranked) - groups} other reasons (--explain lists each layer)")
+    return ", ".join(shown)
+
+
+# Names ('conv3.weight') and shapes ([N, 16, H, W]) differ from layer to layer; the reason is the rest.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]")
 
 
 def choices(record: dict) -> dict[str, dict]:

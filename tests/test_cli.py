@@ -5,11 +5,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
 TEST_DATA = ROOT / "models" / "digits_test.npz"
+CALIB = ROOT / "models" / "digits_calib.npz"
 
 
 def graphopt(*args, cwd=ROOT):
@@ -120,3 +123,152 @@ def test_include_that_matches_nothing_is_an_error_on_every_layer_pass(tmp_path):
         assert r.returncode == 2, (spec, r.stderr)
         assert "nosuchlayer matches no layer" in r.stderr and "Traceback" not in r.stderr, spec
         assert not (tmp_path / "out").exists()
+
+
+def symbolic_digits(tmp_path, dims=("N", 1, "H", "W"), name="digits_sym.onnx"):
+    """The digits CNN with its input dims replaced (str: symbolic), as a dynamic-shape exporter writes it."""
+    model = onnx.load(DIGITS)
+    for d, new in zip(model.graph.input[0].type.tensor_type.shape.dim, dims):
+        d.Clear()
+        if isinstance(new, str):
+            d.dim_param = new
+        else:
+            d.dim_value = new
+    if not isinstance(dims[0], str):
+        model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = dims[0]
+    del model.graph.value_info[:]
+    onnx.save(model, tmp_path / name)
+    return tmp_path / name
+
+
+def run_cli(capsys, *args):
+    from graphopt import cli
+
+    code = cli.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_symbolic_dims_count_the_static_models_macs_given_data_or_input_shape(tmp_path, capsys):
+    static = symbolic_digits(tmp_path, (1, 1, 8, 8), "static.onnx")
+    dynamic = symbolic_digits(tmp_path)
+    macs = {}
+    for key, model, extra in (("static", static, ()), ("data", dynamic, ("--data", CALIB)),
+                              ("shape", dynamic, ("--input-shape", "x=1,1,8,8"))):
+        code, out, err = run_cli(capsys, "optimize", model, "-o", tmp_path / key, "-q", *extra)
+        assert code == 0, err
+        macs[key] = json.loads((tmp_path / key / "report.json").read_text())["before"]["macs"]
+    assert macs == {"static": 484_992, "data": 484_992, "shape": 484_992}
+    code, out, err = run_cli(capsys, "inspect", dynamic, "--input-shape", "x=1,1,8,8")
+    assert code == 0 and "MACs        484,992  at x=1,1,8,8" in out
+    assert re.search(r"^conv3\s+Conv\s+[\d,]+\s+294,912 ", out, re.M)  # 16 -> 32 channels, 8x8, 3x3
+    code, out, err = run_cli(capsys, "inspect", dynamic)
+    assert "symbolic dims H, W counted as 1: give --input-shape" in out
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("x=1,1,a,8", "graphopt: error: --input-shape 'x=1,1,a,8': dims must be integers separated by commas"),
+    ("image=1,1,8,8", "graphopt: error: {model}: --input-shape image: the model has no input 'image' (inputs: x)"),
+    ("x=1,8,8", "graphopt: error: {model}: --input-shape x=1,8,8: input 'x' has rank 4 [N, 1, H, W], not 3"),
+    ("x=1,3,8,8", "graphopt: error: {model}: --input-shape x=1,3,8,8: input 'x' has dim 1 fixed at 1 [N, 1, H, W]"),
+])
+def test_a_bad_input_shape_exits_2_with_one_line(tmp_path, capsys, spec, message):
+    model = symbolic_digits(tmp_path)
+    for command in (("optimize", model, "-o", tmp_path / "out"), ("inspect", model),
+                    ("compile", model, "--target", "x86", "-o", tmp_path / "out")):
+        code, _, err = run_cli(capsys, *command, "--input-shape", spec)
+        assert code == 2 and err.strip() == message.format(model=model), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_input_shape_from_the_shell(tmp_path):
+    r = graphopt("optimize", DIGITS, "-o", tmp_path / "out", "--input-shape", "x=1,1,0,8")
+    assert r.returncode == 2 and r.stderr == "graphopt: error: --input-shape 'x=1,1,0,8': every dim must be positive\n"
+
+
+def test_static_writes_the_concrete_dims_and_lets_winograd_see_them(tmp_path, capsys):
+    dynamic = symbolic_digits(tmp_path)
+    code, out, err = run_cli(capsys, "optimize", dynamic, "-o", tmp_path / "dyn", "--data", CALIB,
+                             "--passes", "canonicalize,winograd")
+    assert code == 0, err
+    assert re.search(r"^winograd: changed nothing: 0 of 3 layers; refused 3 x input '.*' has dynamic channels "
+                     r"or spatial dims", out, re.M), out
+    kept = onnx.load(tmp_path / "dyn" / "model.opt.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in kept] == ["N", 1, "H", "W"]
+    code, out, err = run_cli(capsys, "optimize", dynamic, "-o", tmp_path / "static", "--data", CALIB,
+                             "--passes", "canonicalize,winograd", "--static", "--input-shape", "x=1,1,8,8")
+    assert code == 0, err
+    assert "winograd:" not in out  # every conv rewritten: nothing to report
+    model = onnx.load(tmp_path / "static" / "model.opt.onnx")
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 1, 8, 8]
+    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [1, 10]
+    report = json.loads((tmp_path / "static" / "report.json").read_text())
+    assert report["passes"][1]["stats"]["rewritten"] == 3 and report["static"] is True
+    data = np.load(CALIB)["x"][:1]
+    ref = ort.InferenceSession(str(DIGITS), providers=["CPUExecutionProvider"]).run(None, {"x": data})[0]
+    got = ort.InferenceSession(str(tmp_path / "static" / "model.opt.onnx"),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": data})[0]
+    assert np.allclose(got, ref, atol=1e-3)
+
+
+def test_a_pipeline_that_changes_nothing_says_so(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "optimize", DIGITS, "-o", tmp_path, "--passes", "eliminate-dead,fuse-matmul-add")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "eliminate-dead: changed nothing: nothing it rewrites is in the model" in lines
+    assert "fuse-matmul-add: changed nothing: nothing it rewrites is in the model" in lines
+    assert "no pass changed the model" in lines
+
+
+def test_pass_outcome_groups_reasons_by_their_text_without_names():
+    from graphopt.report import pass_outcome
+
+    refused = [{"node": f"conv{i}", "reason": "stride [2, 2] is not 1"} for i in range(9)]
+    refused += [{"node": f"dw{i}", "reason": f"'dw{i}.weight' is shared"} for i in range(3)]
+    record = {"name": "winograd", "modified": False, "refused": refused, "skipped": [], "decisions": {}}
+    assert pass_outcome(record) == ("winograd: changed nothing: 0 of 12 layers; refused 9 x stride [2, 2] is not 1, "
+                                    "3 x 'dw0.weight' is shared")
+    skipped = {"name": "quantize", "modified": False, "refused": [], "decisions": {},
+               "skipped": [{"node": "", "reason": "opset 11 outside the pass's range 13..28"}]}
+    assert pass_outcome(skipped) == "quantize: skipped: opset 11 outside the pass's range 13..28"
+    partly = {"name": "quantize", "modified": True, "refused": [], "decisions": {"a": {}, "b": {}, "c": {}},
+              "skipped": [{"node": "c", "reason": "not in include"}]}
+    assert pass_outcome(partly) == "quantize: 2 of 3 layers; skipped 1 x not in include"
+    assert pass_outcome({"name": "fold-batchnorm", "modified": True, "refused": [], "skipped": []}) is None
+
+
+def test_static_needs_dims_to_write(tmp_path, capsys):
+    model = symbolic_digits(tmp_path)
+    code, _, err = run_cli(capsys, "optimize", model, "-o", tmp_path / "out", "--static")
+    assert code == 2 and err.strip() == (f"graphopt: error: {model}: --static needs the dims of input 'x': "
+                                         f"give --input-shape NAME=D0,D1,... or --data")
+
+
+def test_a_scalar_input_and_a_batch_from_data(tmp_path, capsys):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Mul", ["h", "s"], ["y"])],
+                              "scalar", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                         helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "scalar.onnx")
+    np.savez(tmp_path / "d.npz", x=np.ones((32, 4), np.float32), s=np.float32(2))
+    code, out, err = run_cli(capsys, "optimize", tmp_path / "scalar.onnx", "--data", tmp_path / "d.npz", "-o",
+                             tmp_path / "out", "--passes", "prune-magnitude")
+    assert code == 0, err
+    before = json.loads((tmp_path / "out" / "report.json").read_text())["before"]
+    assert before["macs"] == 4 * 3 and before["input_shapes"] == {"x": [1, 4], "s": []}
+    np.savez(tmp_path / "bad.npz", x=np.ones((32, 5), np.float32), s=np.float32(2))
+    code, _, err = run_cli(capsys, "optimize", tmp_path / "scalar.onnx", "--data", tmp_path / "bad.npz", "-o",
+                             tmp_path / "out2")
+    assert code == 2 and err.strip() == f"graphopt: error: {tmp_path / 'bad.npz'}: input 'x': dim 1 is 5, the model wants 4"
+
+
+def test_opset_upgrades_the_model_before_the_passes(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "optimize", DIGITS, "-o", tmp_path / "out", "--opset", "18", "-q",
+                             "--passes", "fold-batchnorm")
+    assert code == 0, err
+    model = onnx.load(tmp_path / "out" / "model.opt.onnx")
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["opset"] == 18

@@ -27,6 +27,13 @@ def _target_options(p: argparse.ArgumentParser, required: bool = False, db_requi
                    help="tuning wall-clock budget: seconds, or with a unit (90s, 10m, 1h)")
 
 
+def _input_shape_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="concrete dims for a model input with symbolic dims, e.g. x=1,3,48,320 (repeatable; "
+                        "NAME= for a scalar). MACs, random inputs and shape analysis use them; --data's "
+                        "shapes serve the same way when this is not given")
+
+
 def _duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600}
     scale = units.get(text[-1:].lower(), 1)
@@ -56,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip checker, invariants and fidelity checks between passes")
     p.add_argument("--explain", action="store_true", help="print why each refused rewrite was refused")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    _input_shape_option(p)
+    p.add_argument("--static", action="store_true",
+                   help="write concrete dims into the optimized model (those of --input-shape, or of --data past "
+                        "the batch dim); the passes see them too. Without it the model keeps its symbolic dims")
+    p.add_argument("--opset", type=int, metavar="N",
+                   help="upgrade the model to opset N before the passes (onnx's version converter, checked "
+                        "EXACT in onnxruntime); for passes that need a newer opset than the model has")
     _target_options(p)
     p.set_defaults(func=cmd_optimize)
 
@@ -67,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-verify", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true")
+    _input_shape_option(p)
     _target_options(p, required=True)
     p.set_defaults(func=cmd_compile)
 
@@ -79,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="ops, parameters, size, MACs per layer, inputs and outputs")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _input_shape_option(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("passes", help="list the passes, their options and guarantees; with NAME, one pass's "

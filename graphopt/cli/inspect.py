@@ -12,6 +12,7 @@ from graphopt.ir import fidelity, io, ort
 from graphopt.ir.data import input_specs, load_feeds, random_feeds
 from graphopt.ir.errors import GraphoptError, PipelineError
 from graphopt.ir.graph import infer_shapes
+from graphopt.ir.shapes import check_input_shapes, parse_input_shapes
 from graphopt.passes import registry
 from graphopt.passes.base import option_help
 from graphopt.passes.pipeline import Pipeline
@@ -19,8 +20,10 @@ from graphopt.report import format_summary, summarize
 
 
 def cmd_inspect(args) -> int:
+    shapes = parse_input_shapes(args.input_shape)
     graph = infer_shapes(io.load(args.model))
-    summary = summarize(graph, layers=True)
+    check_input_shapes(graph, shapes, args.model)
+    summary = summarize(graph, layers=True, shapes=shapes or None)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 

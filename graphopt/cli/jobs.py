@@ -11,9 +11,10 @@ from pathlib import Path
 from graphopt.cli.progress import Progress, ProgressBar
 from graphopt.ir import io
 from graphopt.ir.errors import GraphoptError
+from graphopt.ir.shapes import parse_input_shapes, specialize
 from graphopt.optimize import optimize
 from graphopt.passes.pipeline import Pipeline
-from graphopt.report import choices, write_html, write_json
+from graphopt.report import choices, pass_outcome, write_html, write_json
 
 MODEL_NAME = "model.opt.onnx"
 
@@ -47,16 +48,18 @@ def _job(args, pipeline: Pipeline, write_model: bool) -> int:
         raise GraphoptError(f"{out_dir}: -o names a file; give a folder for the outputs")
     if (out_dir / MODEL_NAME).resolve() == Path(args.model).resolve():
         raise GraphoptError(f"{args.model}: output {out_dir / MODEL_NAME} would overwrite the input model")
+    shapes = parse_input_shapes(args.input_shape)
     target = _target(args)
     progress = None if args.quiet or not pipeline else Progress()
     try:
         result = optimize(args.model, pipeline, data=args.data, verify=not args.no_verify,
                           instruments=(progress,) if progress else (), seed=args.seed,
-                          target_timer=_timer(target, pipeline))
+                          target_timer=_timer(target, pipeline), input_shapes=shapes or None,
+                          static=getattr(args, "static", False), opset=getattr(args, "opset", None))
     finally:
         if progress:
             progress.end_line()
-    _write_outputs(result, out_dir, args, target, write_model)
+    _write_outputs(result, out_dir, args, target, write_model, shapes)
     if not args.quiet:
         print_report(result.report, out_dir)
     if getattr(args, "explain", False):
@@ -84,7 +87,7 @@ def _target(args):
     return codegen.resolve(args.target, args.cuda_arch)
 
 
-def _write_outputs(result, out_dir: Path, args, target, write_model: bool) -> None:
+def _write_outputs(result, out_dir: Path, args, target, write_model: bool, shapes: dict) -> None:
     """Stage every output in a temporary folder beside OUTDIR, then move them in: a failure
     leaves no partial output."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -94,9 +97,10 @@ def _write_outputs(result, out_dir: Path, args, target, write_model: bool) -> No
         if write_model:
             io.save(result.graph, staged / MODEL_NAME)
             report["output"] = str(out_dir / MODEL_NAME)
-            report["after"]["file_bytes"] = (staged / MODEL_NAME).stat().st_size
+            # Over 2 GB the weights are in MODEL_NAME.data beside the model.
+            report["after"]["file_bytes"] = sum(p.stat().st_size for p in staged.glob(MODEL_NAME + "*"))
         if target is not None:
-            report.update(_codegen(result, target, staged, out_dir, args))
+            report.update(_codegen(result, target, staged, out_dir, args, shapes))
         write_json(report, staged / "report.json")
         write_html(report, staged / "report.html")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,20 +109,23 @@ def _write_outputs(result, out_dir: Path, args, target, write_model: bool) -> No
         result.report = report
 
 
-def _codegen(result, target, staged: Path, out_dir: Path, args) -> dict:
+def _codegen(result, target, staged: Path, out_dir: Path, args, shapes: dict) -> dict:
+    """Tune and build; with --input-shape the library is built for those dims (shape-computing
+    subgraphs then resolve to constants)."""
     from graphopt import deploy
 
+    graph = specialize(result.graph, shapes) if shapes else result.graph
     if (out_dir / "manifest.json").exists():  # keep the entries of libraries built for other targets
         shutil.copy(out_dir / "manifest.json", staged / "manifest.json")
     sections = {}
     database = Path(args.db) if args.db else (out_dir / "tuning-db" if args.tune else None)
     if args.tune:
         bar = None if args.quiet else ProgressBar("tuning")
-        sections["tuning"] = deploy.tune_for_target(result.graph, target, database, args.trials,
-                                                    args.tune_seconds, bar)
+        sections["tuning"] = deploy.tune_for_target(graph, target, database, args.trials,
+                                                    args.tune_seconds, bar, feeds=result.feeds)
         if bar:
             bar.close()
-    section = deploy.build_for_target(result.graph, target, staged, result.feeds, result.reference, database)
+    section = deploy.build_for_target(graph, target, staged, result.feeds, result.reference, database)
     section["library"] = str(out_dir / Path(section["library"]).name)
     section["manifest"] = str(out_dir / "manifest.json")
     sections["codegen"] = section
@@ -136,13 +143,21 @@ def print_report(report: dict, out_dir: Path) -> None:
     if "latency_ms" in report:
         lat = report["latency_ms"]["onnxruntime"]
         print(f"{'ORT ms':14}{lat['before']:>16.4f}{lat['after']:>16.4f}")
+    if b.get("symbolic_dims"):
+        print(f"MACs count the symbolic dims {', '.join(b['symbolic_dims'])} as 1: give --input-shape NAME=D0,D1,... "
+              f"or --data for the real count")
+    for note in report.get("notes", []):
+        print(f"note: {note}")
     for record in report["passes"]:
+        if "opset" in record["stats"]:
+            print(f"{record['name']}: upgraded the model's opset {record['stats']['opset']} first (verified EXACT)")
         for layer, choice in choices(record).items():
             print(f"{record['name']}: {layer}: {choice['chosen']} ({choice.get('reason', '')})")
-        if record.get("refused") or record.get("skipped"):
-            print(f"{record['name']}: {len(record.get('decisions', {}))} layers rewritten or chosen, "
-                  f"{len(record.get('refused', []))} refused, {len(record.get('skipped', []))} skipped "
-                  f"(--explain says why)")
+        line = pass_outcome(record)
+        if line:
+            print(line)
+    if report["passes"] and not any(r["modified"] for r in report["passes"]):
+        print("no pass changed the model")
     for name, f in report["fidelity"]["outputs"].items():
         print(f"fidelity {name}: {_metrics(f)}")
     cg = report.get("codegen")

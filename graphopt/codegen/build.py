@@ -96,10 +96,11 @@ def to_relax(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None 
     try:
         with target.tvm_target() if target is not None else nullcontext():
             return onnx_import.from_onnx(model, shape_dict)
-    except CodegenError:
-        raise
+    except CodegenError as e:
+        raise CodegenError(f"{e}{_defaulted_note(model, shapes or {})}") from e
     except Exception as e:  # noqa: BLE001 - the frontend raises anything from its converters
-        raise CodegenError(f"TVM's ONNX frontend failed: {tvm_error_summary(e)}") from e
+        raise CodegenError(f"TVM's ONNX frontend failed: {tvm_error_summary(e)}"
+                           f"{_defaulted_note(model, shapes or {})}") from e
 
 
 def static_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
@@ -111,6 +112,20 @@ def static_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -
         raise CodegenError(f"shapes given for {', '.join(unknown)}, which are not model inputs "
                            f"(inputs: {', '.join(inputs)})")
     return {name: _input_shape(info, shapes.get(name)) for name, info in inputs.items()}
+
+
+def _defaulted_note(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> str:
+    """What to add to an import error when symbolic dims were set to 1: a width of 1 may be what
+    broke the model (a pooled width of 0, a Reshape that no longer fits)."""
+    fixed = []
+    for info in proto_inputs(model):
+        symbolic = [d.dim_param or "?" for d in info.type.tensor_type.shape.dim if not d.HasField("dim_value")]
+        if symbolic and info.name not in shapes:
+            fixed.append(f"{info.name}: {', '.join(symbolic)}")
+    if not fixed:
+        return ""
+    return (f"; the symbolic dims {'; '.join(fixed)} were set to 1: give the real input shapes "
+            f"(--input-shape NAME=D0,D1,...)")
 
 
 def _input_shape(info: onnx.ValueInfoProto, override: Sequence[int] | None) -> list[int]:

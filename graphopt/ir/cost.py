@@ -20,7 +20,8 @@ def _dims(tensor: gs.Tensor) -> tuple[int, ...] | None:
 
 
 def macs(node: gs.Node) -> int:
-    """Multiply-accumulates of one node; 0 for ops that are not products or whose shapes are unknown."""
+    """Multiply-accumulates of one node; 0 for ops that are not products or whose shapes are unknown.
+    Symbolic dims count as 1: `graphopt.ir.shapes.specialize` gives them concrete values first."""
     if node.op in ("Conv", "ConvInteger", "QLinearConv"):
         w_index = 3 if node.op == "QLinearConv" else 1
         out, w = _dims(node.outputs[0]), static_shape(node.inputs[w_index])
@@ -41,7 +42,19 @@ def macs(node: gs.Node) -> int:
             return 0
         k = a[0] if node.op == "Gemm" and node.attrs.get("transA", 0) else a[-1]
         return count(out) * k
+    if node.op in ("LSTM", "GRU", "RNN"):
+        return _recurrent_macs(node)
     return 0
+
+
+def _recurrent_macs(node: gs.Node) -> int:
+    """Every step multiplies each direction's input and hidden state by its gate weights: W
+    [dirs, gates*H, I] and R [dirs, gates*H, H] once per sequence element and batch entry."""
+    x, w, r = _dims(node.inputs[0]), static_shape(node.inputs[1]), static_shape(node.inputs[2])
+    if x is None or w is None or r is None or len(x) != 3:
+        return 0
+    steps = x[0] * x[1]  # seq x batch in either layout
+    return steps * (count(w) + count(r))
 
 
 def _winograd_macs(node: gs.Node) -> int:

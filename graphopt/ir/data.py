@@ -1,8 +1,17 @@
-"""Input data for a model: an .npz file, a folder of .npy files, or seeded random tensors."""
+"""Input data for a model: an .npz file, a folder of .npy files, or seeded random tensors.
+
+Models take every kind of input: batched images, int64 token ids, bool or int masks, scalars
+(a sample rate), recurrent state of a fixed shape, several inputs at once. Feeds are checked
+against the model (name, dtype, rank, every static dim) before onnxruntime sees them, so a
+mismatch is one line naming the input and the dim. `Batching` says which inputs carry samples
+along their first axis (those whose leading dim is symbolic, or a multiple of a fixed one) and
+which are held fixed for every run (scalars, state, anything else).
+"""
 from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,65 +21,172 @@ import onnx_graphsurgeon as gs
 from graphopt.ir.errors import DataError
 from graphopt.ir.graph import np_dtype
 
+# Random int64 inputs named like these are token ids: kept below a vocabulary any model has.
+TOKEN_ID_RANGE = 100
+
 
 @dataclass(frozen=True)
 class InputSpec:
     name: str
     dtype: np.dtype
-    shape: tuple  # ints, or str/None for symbolic dimensions
+    shape: tuple | None  # ints, or str/None for symbolic dimensions; None when the rank is unknown
+
+    @property
+    def symbolic_batch(self) -> bool:
+        """The leading dim is symbolic: the input takes any number of samples."""
+        return bool(self.shape) and not is_static(self.shape[0])
+
+
+def is_static(dim) -> bool:
+    return isinstance(dim, (int, np.integer)) and dim >= 0
 
 
 def input_specs(graph: gs.Graph) -> list[InputSpec]:
     """The graph inputs that are not initializers, with dtype and (possibly symbolic) shape."""
     return [InputSpec(t.name, np.dtype(np.float32) if t.dtype is None else np_dtype(t.dtype),
-                      tuple(t.shape or ())) for t in graph.inputs if isinstance(t, gs.Variable)]
+                      None if t.shape is None else tuple(t.shape)) for t in graph.inputs if isinstance(t, gs.Variable)]
 
 
-def random_feeds(specs: list[InputSpec], seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
-    """Standard-normal floats, small non-negative ints; symbolic dims become `batch`."""
+def random_feeds(specs: list[InputSpec], seed: int = 0, batch: int = 1,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """Standard-normal floats; masks of ones, token ids in 0..99, token types and other ints small.
+    An input's shape is `shapes[name]` when given, else its own with symbolic dims as `batch`."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for s in specs:
-        shape = tuple(d if isinstance(d, (int, np.integer)) and d >= 0 else batch for d in s.shape)
-        if np.issubdtype(s.dtype, np.floating):
-            feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
-        elif s.dtype == np.bool_:
-            feeds[s.name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            feeds[s.name] = rng.integers(0, 4, shape).astype(s.dtype)
+        given = (shapes or {}).get(s.name)
+        shape = tuple(given) if given is not None else tuple(int(d) if is_static(d) else batch for d in s.shape or ())
+        feeds[s.name] = _random(rng, s, shape)
     return feeds
+
+
+def _random(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, ...]) -> np.ndarray:
+    name = spec.name.lower()
+    if np.issubdtype(spec.dtype, np.floating):
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if "mask" in name:  # attention and padding masks: attend everywhere
+        return np.ones(shape, spec.dtype)
+    if spec.dtype == np.bool_:
+        return rng.integers(0, 2, shape).astype(np.bool_)
+    if "type" in name or "segment" in name:  # BERT's token_type_ids index a 2-row embedding
+        return np.zeros(shape, spec.dtype)
+    if "position" in name and shape:
+        return np.broadcast_to(np.arange(shape[-1]), shape).astype(spec.dtype)
+    high = TOKEN_ID_RANGE if "id" in name or "token" in name else 4
+    return rng.integers(0, high, shape).astype(spec.dtype)
 
 
 def load_feeds(path: str | os.PathLike, specs: list[InputSpec], limit: int | None = None
                ) -> dict[str, np.ndarray]:
     """Feeds from `path`: an .npz keyed by input name (or `x` for a single input), a folder of
-    `<input name>.npy` files, or one .npy file (read as `x`). Arrays are cast to the input's dtype
-    and checked for rank."""
+    `<input name>.npy` files, or one .npy file (read as `x`), checked by `check_feeds`. `limit`
+    keeps the first samples of the inputs that carry samples."""
     path = Path(path)
     arrays = _read_arrays(path)
-    feeds = {}
+    named = {}
     for s in specs:
         key = s.name if s.name in arrays else ("x" if len(specs) == 1 and "x" in arrays else None)
         if key is None:
             raise DataError(f"{path}: no array for model input '{s.name}' (has: {', '.join(sorted(arrays))})")
-        a = np.asarray(arrays[key])
-        if s.shape and a.ndim != len(s.shape):
-            raise DataError(f"{path}: array '{key}' has shape {a.shape}, input '{s.name}' needs rank {len(s.shape)}")
-        if limit and a.ndim:
-            a = a[:limit]
-        try:
-            feeds[s.name] = a.astype(s.dtype, copy=False)
-        except (TypeError, ValueError) as e:
-            raise DataError(f"{path}: array '{key}' cannot be cast to {s.dtype} for input '{s.name}' ({e})"
-                            ) from None
-    return feeds
+        named[s.name] = np.asarray(arrays[key])
+    feeds = check_feeds(named, specs, str(path))
+    return Batching.of(specs, feeds).first(feeds, limit) if limit else feeds
 
 
-def batches(feeds: dict[str, np.ndarray], size: int):
-    """Split feeds along the first axis into batches of at most `size`."""
-    n = min((len(v) for v in feeds.values()), default=0)
-    for start in range(0, n, size):
-        yield {k: v[start:start + size] for k, v in feeds.items()}
+def check_feeds(feeds: dict[str, np.ndarray], specs: list[InputSpec], source: str = "data"
+                ) -> dict[str, np.ndarray]:
+    """`feeds` cast to each input's dtype, after checking name, dtype kind, rank, every static dim,
+    and that a symbolic dim named twice has one size; DataError naming `source`, input and dim."""
+    out, sizes = {}, {}
+    for s in specs:
+        if s.name not in feeds:
+            raise DataError(f"{source}: no array for model input '{s.name}' (has: {', '.join(sorted(feeds))})")
+        a = _cast(np.asarray(feeds[s.name]), s, source)
+        if s.shape is not None:
+            _check_dims(a, s, source, sizes)
+        out[s.name] = a
+    return out
+
+
+def _cast(a: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
+    """Casts within a kind (float64 -> float32, int32 -> int64) and ints to floats; other casts
+    only where every value survives them (whole floats to ints, 0/1 to bool), since a truncated
+    token id or mask would change the results silently."""
+    if np.can_cast(a.dtype, spec.dtype, "same_kind"):
+        return a.astype(spec.dtype, copy=False)
+    try:
+        cast = a.astype(spec.dtype)
+        exact = a.dtype.kind in "biuf" and np.array_equal(cast.astype(a.dtype), a)
+    except (TypeError, ValueError):
+        exact = False
+    if not exact:
+        raise DataError(f"{source}: input '{spec.name}': the data is {a.dtype}, the model wants {spec.dtype}"
+                        f"{' (the values do not fit)' if a.dtype.kind in 'biuf' else ''}")
+    return cast
+
+
+def _check_dims(a: np.ndarray, spec: InputSpec, source: str, sizes: dict) -> None:
+    if a.ndim != len(spec.shape):
+        raise DataError(f"{source}: input '{spec.name}': the data has shape {a.shape} (rank {a.ndim}), the model "
+                        f"wants rank {len(spec.shape)} ({_show(spec.shape)})")
+    for i, (have, want) in enumerate(zip(a.shape, spec.shape)):
+        if is_static(want):
+            # A fixed leading dim may hold several runs' worth of samples (24 samples, batch 8).
+            several = i == 0 and want > 0 and have > want and have % want == 0
+            if have != want and not several:
+                more = f" (or a multiple of it, run {want} at a time)" if i == 0 and want > 0 else ""
+                raise DataError(f"{source}: input '{spec.name}': dim {i} is {have}, the model wants {want}{more}")
+        elif isinstance(want, str) and want:
+            first = sizes.setdefault(want, (have, spec.name))
+            if first[0] != have:
+                raise DataError(f"{source}: input '{spec.name}': dim {i} ('{want}') is {have}, but input "
+                                f"'{first[1]}' has {want}={first[0]}")
+
+
+def _show(shape: tuple) -> str:
+    return "[" + ", ".join(str(d) if is_static(d) else str(d or "?") for d in shape) + "]"
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How feeds split into runs: `batched` inputs carry `samples` samples along axis 0; the
+    others are passed whole to every run. `run` is the samples per run a fixed leading dim
+    imposes, None when the model takes any number."""
+    batched: frozenset[str]
+    samples: int
+    run: int | None
+
+    @classmethod
+    def of(cls, specs: list[InputSpec], feeds: dict[str, np.ndarray]) -> Batching:
+        """Inputs with a symbolic leading dim carry samples; without any, inputs whose data fills
+        a fixed leading dim a whole number of times (none, once, several) do. The first such input sets the sample count; another
+        whose first axis differs is held fixed (a symbolic dim that is not the batch)."""
+        symbolic = [s for s in specs if s.symbolic_batch and np.ndim(feeds.get(s.name)) > 0]
+        fixed = [s for s in specs if s.shape and is_static(s.shape[0]) and s.shape[0] > 0
+                 and np.ndim(feeds.get(s.name)) > 0 and len(feeds[s.name]) % s.shape[0] == 0]
+        carriers = symbolic or fixed
+        if not carriers:
+            return cls(frozenset(), 1, None)
+        samples = len(feeds[carriers[0].name])
+        batched = [s for s in carriers if len(feeds[s.name]) == samples]
+        run = next((int(s.shape[0]) for s in batched if is_static(s.shape[0])), None)
+        return cls(frozenset(s.name for s in batched), samples, run)
+
+    def batches(self, feeds: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Runs of at most `size` samples (exactly `run` when the model fixes it)."""
+        step = self.run or size
+        for start in range(0, self.samples, step):
+            yield {k: v[start:start + step] if k in self.batched else v for k, v in feeds.items()}
+
+    def first(self, feeds: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        """The first `n` samples (rounded up to whole runs); inputs held fixed as they are."""
+        n = -(-n // self.run) * self.run if self.run else n
+        return {k: v[:n] if k in self.batched else v for k, v in feeds.items()}
+
+    def sample_shapes(self, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+        """Each input's shape for one run of one sample (what MACs are counted on): a symbolic
+        batch counts 1, a fixed one its own size."""
+        return {k: ((self.run or 1),) + v.shape[1:] if k in self.batched else v.shape for k, v in feeds.items()}
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -16,17 +16,25 @@ class Fidelity:
         return asdict(self)
 
 
+CHUNK = 1 << 20
+
+
 def measure(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
-    """Metrics in float64; identical outputs give SQNR = inf and cosine = 1."""
-    ref = np.asarray(reference, dtype=np.float64).ravel()
-    out = np.asarray(candidate, dtype=np.float64).ravel()
-    if ref.shape != out.shape:
+    """Metrics in float64; identical outputs give SQNR = inf and cosine = 1. Sums run over chunks,
+    so measuring a weight of a large model holds no float64 copy of it."""
+    ref_all, out_all = np.asarray(reference).reshape(-1), np.asarray(candidate).reshape(-1)
+    if np.shape(reference) != np.shape(candidate):
         raise ValueError(f"output shapes differ: {np.shape(reference)} vs {np.shape(candidate)}")
-    err = out - ref
-    max_abs = float(np.max(np.abs(err))) if err.size else 0.0
-    noise, signal = float(err @ err), float(ref @ ref)
-    norms = np.sqrt(signal * float(out @ out))
-    cosine = float(ref @ out / norms) if norms > 0 else float(noise == 0)
+    max_abs = noise = signal = power = dot = 0.0
+    for start in range(0, ref_all.size, CHUNK):
+        ref = ref_all[start:start + CHUNK].astype(np.float64)
+        out = out_all[start:start + CHUNK].astype(np.float64)
+        err = out - ref
+        max_abs = max(max_abs, float(np.max(np.abs(err))))
+        noise, signal, power, dot = noise + float(err @ err), signal + float(ref @ ref), power + float(out @ out), \
+            dot + float(ref @ out)
+    norms = np.sqrt(signal * power)
+    cosine = float(dot / norms) if norms > 0 else float(noise == 0)
     sqnr = float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise)
     return Fidelity(max_abs, cosine, sqnr)
 

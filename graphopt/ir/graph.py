@@ -1,5 +1,9 @@
-"""Helpers over `gs.Graph`: constants, producers and consumers, shapes, and cheap model skeletons."""
+"""Helpers over `gs.Graph`: constants, producers and consumers, shapes, cheap model skeletons, and
+the model's own data (metadata, doc strings, producer) that graphsurgeon's import would drop."""
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -12,9 +16,71 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 SKELETON_MAX_ELEMENTS = 4096
 
 
+# Model-local functions came with IR version 8.
+_FUNCTIONS_IR_VERSION = 8
+
+
+@dataclass(frozen=True)
+class ModelProps:
+    """What a ModelProto holds beside its graph and opsets, which graphsurgeon does not keep:
+    a Paddle recognizer's character dictionary lives in `metadata`, and its application cannot
+    load a model without it. `notes` says what loading changed deliberately (an IR version);
+    `source` is the file it came from, for error messages."""
+    doc_string: str = ""
+    domain: str = ""
+    model_version: int = 0
+    metadata: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()
+    source: str = ""
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "ModelProps":
+        return cls(model.doc_string, model.domain, model.model_version,
+                   tuple((p.key, p.value) for p in model.metadata_props))
+
+    def apply(self, model: onnx.ModelProto) -> None:
+        model.doc_string, model.domain, model.model_version = self.doc_string, self.domain, self.model_version
+        del model.metadata_props[:]
+        for key, value in self.metadata:
+            model.metadata_props.add(key=key, value=value)
+
+
+class ModelGraph(gs.Graph):
+    """A `gs.Graph` that carries its model's `ModelProps` and producer through `copy()`, which
+    graphsurgeon's own copy drops, so every model exported from it is the user's model."""
+
+    props: ModelProps = ModelProps()
+
+    @classmethod
+    def adopt(cls, graph: gs.Graph, props: ModelProps) -> "ModelGraph":
+        """`graph`'s nodes and tensors (not copies) as a ModelGraph."""
+        out = cls(nodes=graph.nodes, inputs=graph.inputs, outputs=graph.outputs, name=graph.name,
+                  doc_string=graph.doc_string, opset=graph.opset, import_domains=graph.import_domains,
+                  producer_name=graph.producer_name, producer_version=graph.producer_version,
+                  functions=graph.functions, ir_version=graph.ir_version)
+        out.props = props
+        return out
+
+    def copy(self, tensor_map=None) -> "ModelGraph":
+        plain = super().copy(tensor_map)
+        plain.producer_name, plain.producer_version = self.producer_name, self.producer_version
+        return ModelGraph.adopt(plain, self.props)
+
+
 def export(graph: gs.Graph) -> onnx.ModelProto:
-    """gs.Graph -> ModelProto; intermediate tensors need no declared types."""
-    return gs.export_onnx(graph, do_type_check=False)
+    """gs.Graph -> ModelProto; intermediate tensors need no declared types. A ModelGraph gets its
+    model's own data back, and the IR version is raised where the opsets or functions need it."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    if isinstance(graph, ModelGraph):
+        graph.props.apply(model)
+    model.ir_version = max(model.ir_version, min_ir_version(model.opset_import, bool(model.functions)))
+    return model
+
+
+def min_ir_version(opset_imports, functions: bool = False) -> int:
+    """The lowest IR version that can carry these opsets (and model-local functions)."""
+    needed = onnx.helper.find_min_ir_version_for(list(opset_imports), ignore_unknown=True)
+    return max(needed, _FUNCTIONS_IR_VERSION if functions else 0)
 
 
 def constant_values(name: str, values) -> np.ndarray | LazyValues:
@@ -187,10 +253,15 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 def without_large_weights(graph: gs.Graph, more_than: int) -> tuple[gs.Graph, list[gs.Variable]]:
     """A copy of `graph` whose constants of more than `more_than` elements are typed variables,
     and those variables. graphsurgeon's copy shares weight arrays, so this costs the structure only."""
+    return without_weights(graph, lambda t: int(np.prod(t.shape, dtype=np.int64)) > more_than)
+
+
+def without_weights(graph: gs.Graph, select: Callable[[gs.Constant], bool]) -> tuple[gs.Graph, list[gs.Variable]]:
+    """`without_large_weights` for the constants `select` picks."""
     light = graph.copy()
     converted = []
     for t in list(light.tensors().values()):
-        if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) > more_than:
+        if isinstance(t, gs.Constant) and select(t):
             t.to_variable(dtype=t.dtype, shape=list(t.shape))
             t.type = "tensor_type"  # graphsurgeon leaves a converted constant without a type kind
             converted.append(t)

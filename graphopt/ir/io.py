@@ -1,11 +1,14 @@
 """Safe loading and atomic saving of ONNX models.
 
 Model files are untrusted. `load` validates before it allocates: every tensor's declared size
-against its data, external-data paths against the model's folder, opset domains, and the graph
-for cycles. Any problem is one `ModelError` naming the file, the node or tensor and what is wrong.
+against its data, external-data paths against the model's folder, the opset domains its nodes
+use, and the graph for cycles. Any problem is one `ModelError` naming the file, the node or
+tensor and what is wrong. External weights are mapped, not read (`external.Mapped`), and what
+graphsurgeon drops (metadata, doc strings, model version) rides along on the `ModelGraph`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -13,16 +16,18 @@ from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from graphopt.ir import external, stream
 from graphopt.ir.errors import ModelError
-from graphopt.ir import stream
-from graphopt.ir.graph import constant_nbytes, constant_nodes_to_initializers, export, find_cycle, skeleton
+from graphopt.ir.graph import (ModelGraph, ModelProps, constant_nbytes, constant_nodes_to_initializers, find_cycle,
+                               min_ir_version, skeleton)
 
 # Domains ONNX defines and those onnxruntime adds; a node from any other domain cannot run
-# anywhere we target.
+# anywhere we target. A model may declare others it does not use (onnxruntime's quant_pre_process
+# declares ai.onnx.training): those are kept and do no harm.
 KNOWN_DOMAINS = frozenset({
     "", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training", "com.microsoft",
     "com.microsoft.nchwc", "com.microsoft.experimental", "com.ms.internal.nhwc",
@@ -33,11 +38,40 @@ PROTOBUF_LIMIT = 2**31 - 1
 MAX_TENSOR_BYTES = 1 << 36
 # A cycle longer than this is shortened in the error message.
 CYCLE_NODES_SHOWN = 8
+# IR 3 lists every initializer as a graph input as well; IR 4 made that optional.
+_FIRST_IR_WITHOUT_INITIALIZER_INPUTS = 4
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and validate an ONNX file, with its external data; raise ModelError if unsafe or malformed."""
     path = Path(path)
+    model = _read(path)
+    _load_external_data(path, model, _all_tensors(model))
+    _check_schema(path, model)
+    return model
+
+
+def load(path: str | os.PathLike) -> ModelGraph:
+    """Load a validated model as a `ModelGraph`, with Constant-node weights turned into initializers
+    and the weights in external data mapped from their files rather than read."""
+    path = Path(path)
+    model = _read(path)
+    _load_external_data(path, model, _unmapped_tensors(model))
+    _check_schema(path, model)
+    props = dataclasses.replace(ModelProps.of(model), source=str(path))
+    try:
+        graph = gs.import_onnx(model)
+        constant_nodes_to_initializers(graph)
+        _detach_from_proto(graph, external.Mapped(path))
+    except Exception as e:  # noqa: BLE001 - graphsurgeon has no error type; the file is still at fault
+        raise ModelError(path, f"cannot import the graph ({type(e).__name__}: {e})") from None
+    note = _raise_old_ir_version(graph)
+    return ModelGraph.adopt(graph, dataclasses.replace(props, notes=(note,)) if note else props)
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    """The parsed model, every tensor's size and external data checked but not read; the schema
+    check follows once the tensors the checker reads (attributes, subgraphs) are loaded."""
     model = _parse(path)
     _check_header(path, model)
     _check_domains(path, model)
@@ -45,33 +79,47 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         for tensor, node in _graph_tensors(graph):
             _check_tensor(path, tensor, node)
         _check_acyclic(path, graph)
-    # Loaded before the checker, which would look for attribute tensors' files in the working
-    # directory; every location and size was checked above, so this reads only what was declared.
-    _load_external_data(path, model)
-    _check_schema(path, model)
     return model
 
 
-def load(path: str | os.PathLike) -> gs.Graph:
-    """Load a validated model as a `gs.Graph`, with Constant-node weights turned into initializers."""
-    model = load_model(path)
-    try:
-        graph = gs.import_onnx(model)
-        constant_nodes_to_initializers(graph)
-        _detach_from_proto(graph)
-    except Exception as e:  # noqa: BLE001 - graphsurgeon has no error type; the file is still at fault
-        raise ModelError(path, f"cannot import the graph ({type(e).__name__}: {e})") from None
-    return graph
+def _unmapped_tensors(model: onnx.ModelProto):
+    """The tensors `load` reads into the proto: all but the main graph's initializers of a type
+    numpy holds, which it maps from their files."""
+    main, *subgraphs = _all_graphs(model.graph)
+    for t, node in _graph_tensors(main):
+        if node is not None or t.data_type not in _NATIVE:
+            yield t
+    for graph in subgraphs:
+        for t, _ in _graph_tensors(graph):
+            yield t
 
 
-def _detach_from_proto(graph: gs.Graph) -> None:
+def _detach_from_proto(graph: gs.Graph, mapped: external.Mapped) -> None:
     """Let the parsed file be freed: graphsurgeon keeps the opset entries and the weights as views
-    of the loaded ModelProto, which would keep a second copy of every weight alive."""
+    of the loaded ModelProto, which would keep a second copy of every weight alive. Weights still
+    in external data become views of their mapped file."""
     graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains or []]
     for t in graph.tensors().values():
         # Other types (strings, sub-byte, float8) would not export as they came; they stay protos.
         if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and t._values.tensor.data_type in _NATIVE:
-            t.values = t._values.load()
+            proto = t._values.tensor
+            if external_data_helper.uses_external_data(proto):
+                t.values = mapped.array(proto)
+                t.data_location = None  # the values are in memory now; export must not say "external"
+            else:
+                t.values = t._values.load()
+
+
+def _raise_old_ir_version(graph: gs.Graph) -> str | None:
+    """IR 3 requires every initializer to be a graph input too. graphsurgeon imports initializers
+    as weights, not inputs, so a model saved at IR 3 would fail the checker (and a pass that adds a
+    weight would break it); the IR version is raised instead. Returns what was done."""
+    old = graph.ir_version
+    if old is None or old >= _FIRST_IR_WITHOUT_INITIALIZER_INPUTS:
+        return None
+    graph.ir_version = max(_FIRST_IR_WITHOUT_INITIALIZER_INPUTS, min_ir_version(graph.import_domains))
+    return (f"IR version {old} raised to {graph.ir_version}: initializers are no longer also listed "
+            "as graph inputs")
 
 
 _NATIVE = frozenset(getattr(onnx.TensorProto, n) for n in (
@@ -82,27 +130,32 @@ def save(model: onnx.ModelProto | gs.Graph, path: str | os.PathLike) -> Path:
     """Write atomically: to a temporary file beside `path`, then rename.
 
     Models over 2 GB get their weights in `<name>.data` beside the model, renamed into place
-    before the model so a reader never sees a model whose data is missing.
+    before the model so a reader never sees a model whose data is missing. A graph is written a
+    weight at a time, never as one ModelProto.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         staged = Path(tmp) / path.name
-        if isinstance(model, gs.Graph) and _weight_bytes(model) < PROTOBUF_LIMIT - (1 << 24):
-            stream.write(model, staged)
-            os.replace(staged, path)
-            return path
-        proto = export(model) if isinstance(model, gs.Graph) else model
-        if proto.ByteSize() > PROTOBUF_LIMIT - (1 << 20):
+        data = staged.with_name(path.name + ".data")
+        if isinstance(model, gs.Graph):
+            stream.write(model, staged, data if _weight_bytes(model) >= PROTOBUF_LIMIT - (1 << 24) else None)
+        elif _over_limit(model):
             # onnx moves the weights out of the proto it writes; the caller's model stays whole.
-            _save_external(proto if proto is not model else _copy(proto), staged)
-            data = staged.with_name(path.name + ".data")
-            if data.exists():  # absent when no tensor reached onnx's size threshold
-                os.replace(data, path.with_name(data.name))
+            _save_external(_copy(model), staged)
         else:
-            onnx.save_model(proto, str(staged))
+            onnx.save_model(model, str(staged))
+        if data.exists():  # absent when no tensor reached the size threshold for external data
+            os.replace(data, path.with_name(data.name))
         os.replace(staged, path)
     return path
+
+
+def _over_limit(model: onnx.ModelProto) -> bool:
+    try:
+        return model.ByteSize() > PROTOBUF_LIMIT - (1 << 20)
+    except EncodeError:  # protobuf cannot even size a message over 2 GB: it serializes to count
+        return True
 
 
 def _weight_bytes(graph: gs.Graph) -> int:
@@ -154,17 +207,22 @@ def _domain(name: str) -> str:
 
 
 def _check_domains(path: Path, model: onnx.ModelProto) -> None:
-    imported = {_domain(o.domain) for o in model.opset_import}
+    """Every node's domain is imported, and known to a runtime or defined by the model's functions;
+    a domain declared but used by no node is harmless and stays."""
     local = {f.domain for f in model.functions}
-    for o in model.opset_import:
-        if o.domain not in KNOWN_DOMAINS and o.domain not in local:
-            raise ModelError(path, f"unknown opset domain '{o.domain}' (known: "
-                             f"{', '.join(sorted({d or 'ai.onnx' for d in KNOWN_DOMAINS}))})")
-    for graph in _all_graphs(model.graph):
-        for node in graph.node:
-            if _domain(node.domain) not in imported:
+    scopes = [(model.opset_import, [n for g in _all_graphs(model.graph) for n in g.node])]
+    scopes += [(f.opset_import, f.node) for f in model.functions]
+    for imports, nodes in scopes:
+        imported = {_domain(o.domain) for o in imports}
+        for node in nodes:
+            domain = _domain(node.domain)
+            if domain not in imported:
                 raise ModelError(path, f"op {node.op_type} uses domain '{node.domain}' "
                                  "which the model does not import", node.name or node.op_type)
+            if domain not in KNOWN_DOMAINS and domain not in local:
+                raise ModelError(path, f"op {node.op_type} is in unknown opset domain '{node.domain}', which no "
+                                 f"runtime implements (known: {', '.join(sorted({d or 'ai.onnx' for d in KNOWN_DOMAINS}))})",
+                                 node.name or node.op_type)
 
 
 def _check_tensor(path: Path, t: onnx.TensorProto, node: onnx.NodeProto | None) -> None:
@@ -188,9 +246,9 @@ def _check_tensor_data(path: Path, t: onnx.TensorProto, label: str) -> None:
     if t.data_type not in onnx.TensorProto.DataType.values() or t.data_type == onnx.TensorProto.UNDEFINED:
         raise ModelError(path, f"{label} has invalid data type {t.data_type}")
     count = math.prod(t.dims)
-    external = external_data_helper.uses_external_data(t)
+    in_file = external_data_helper.uses_external_data(t)
     if t.data_type == onnx.TensorProto.STRING:
-        if external:
+        if in_file:
             raise ModelError(path, f"{label} keeps strings in external data, which ONNX does not allow")
         if len(t.string_data) != count:
             raise ModelError(path, f"{label} declares {count} strings but holds {len(t.string_data)}")
@@ -198,8 +256,8 @@ def _check_tensor_data(path: Path, t: onnx.TensorProto, label: str) -> None:
     nbytes = _declared_nbytes(t, count)
     if nbytes > MAX_TENSOR_BYTES:
         raise ModelError(path, f"{label} declares {nbytes} bytes, over the {MAX_TENSOR_BYTES}-byte limit")
-    if external:
-        _check_external(path, t, label, nbytes)
+    if in_file:
+        external.check(path, t, label, nbytes)
     elif t.HasField("raw_data"):
         if len(t.raw_data) != nbytes:
             raise ModelError(path, f"{label} declares shape {list(t.dims)} ({nbytes} bytes) "
@@ -233,62 +291,16 @@ def _expected_values(t: onnx.TensorProto, count: int) -> tuple[int, ...]:
     return (count * (2 if t.data_type in _COMPLEX else 1),)
 
 
-def _check_external(path: Path, t: onnx.TensorProto, label: str, nbytes: int) -> None:
-    info = {e.key: e.value for e in t.external_data}
-    if any(isinstance(x, bytes) for x in (*info, *info.values())):
-        raise ModelError(path, f"{label} has external data fields that are not valid UTF-8")
-    location = info.get("location", "")
-    target = _external_file(path, label, location)
-    size = target.stat().st_size
-    offset = _external_int(path, label, info, "offset", 0)
-    # onnx reads to the end of the file when no length is given.
-    length = _external_int(path, label, info, "length", max(size - offset, 0))
-    if length != nbytes:
-        raise ModelError(path, f"{label} declares {nbytes} bytes but its external data in "
-                         f"'{location}' is {length} bytes")
-    if offset + length > size:
-        raise ModelError(path, f"{label} reads bytes {offset}..{offset + length} of '{location}', "
-                         f"past its end at {size}")
-
-
-def _external_file(path: Path, label: str, location: str) -> Path:
-    if not location:
-        raise ModelError(path, f"{label} has external data with no location")
-    root = path.parent.resolve()
+def _load_external_data(path: Path, model: onnx.ModelProto, tensors) -> None:
+    """Read the external data of `tensors` into the model; every location and size was checked
+    before, so this reads only what was declared."""
+    root = str(path.parent.resolve())
     try:
-        # resolve() follows symlinks, so a link pointing outside the folder is refused too.
-        target = (root / location).resolve()
-    except (OSError, ValueError, RuntimeError):
-        raise ModelError(path, f"{label} has an invalid external data location {location!r}") from None
-    if os.path.isabs(location) or not target.is_relative_to(root):
-        raise ModelError(path, f"{label} has external data at '{location}', outside the model's folder")
-    if (root / location).is_symlink():
-        # onnx refuses to read through a link even when it stays inside the folder.
-        raise ModelError(path, f"{label} has external data at '{location}', which is a symbolic link")
-    if not target.exists():
-        raise ModelError(path, f"{label} has external data file '{location}' which does not exist")
-    if not target.is_file():
-        raise ModelError(path, f"{label} has external data at '{location}', which is not a file")
-    return target
-
-
-def _external_int(path: Path, label: str, info: dict[str, str], key: str, default: int) -> int:
-    if key not in info:
-        return default
-    try:
-        value = int(info[key])
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ModelError(path, f"{label} has an invalid external data {key} {info[key]!r}")
-    return value
-
-
-def _load_external_data(path: Path, model: onnx.ModelProto) -> None:
-    if not any(external_data_helper.uses_external_data(t) for t in _all_tensors(model)):
-        return
-    try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent.resolve()))
+        for t in tensors:
+            if external_data_helper.uses_external_data(t):
+                external_data_helper.load_external_data_for_tensor(t, root)
+                t.data_location = onnx.TensorProto.DEFAULT
+                del t.external_data[:]
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
         # onnx checks each path again as it opens it; only a file changed since ours gets here.
         raise ModelError(path, f"cannot read external data ({e})") from None

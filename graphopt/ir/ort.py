@@ -12,6 +12,9 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from google.protobuf.message import EncodeError
+
+from graphopt.ir import shared_weights
 from graphopt.ir.errors import GraphoptError
 from graphopt.ir.graph import export
 
@@ -27,9 +30,13 @@ def session(model: onnx.ModelProto | gs.Graph | str | os.PathLike, optimize: boo
     opts.log_severity_level = 4  # failures are re-raised with onnxruntime's message
     if threads:
         opts.intra_op_num_threads = threads
-    if isinstance(model, gs.Graph):
-        model = export(model)
     try:
+        if isinstance(model, gs.Graph):
+            # Large weights go to onnxruntime as the graph's own arrays: one copy in memory, and
+            # no protobuf over 2 GB.
+            if shared_weights.worthwhile(model):
+                return shared_weights.session(model, opts, ["CPUExecutionProvider"])
+            model = export(model)
         return _session(model, opts)
     except Exception as e:  # noqa: BLE001 - onnxruntime's pybind errors share no useful base class
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -40,7 +47,11 @@ def _session(model, opts) -> ort.InferenceSession:
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), opts, providers=providers)
-    if model.ByteSize() < _INLINE_LIMIT:
+    try:
+        inline = model.ByteSize() < _INLINE_LIMIT
+    except EncodeError:  # protobuf cannot even measure a message over 2 GB
+        inline = False
+    if inline:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"

@@ -19,6 +19,7 @@ TOPOSORTED = "TOPOSORTED"
 SHAPES_INFERRED = "SHAPES_INFERRED"
 NO_WEIGHT_QDQ = "NO_WEIGHT_QDQ"
 UNIQUE_NAMES = "UNIQUE_NAMES"
+NODES_NAMED = "NODES_NAMED"
 CHECKER = "CHECKER"
 
 
@@ -64,6 +65,24 @@ def _unique_names(graph: gs.Graph) -> list[str]:
     return dups + [f"tensor '{k}' is produced {v} times" for k, v in producers.items() if v > 1]
 
 
+def _nodes_named(graph: gs.Graph) -> list[str]:
+    return [f"a {n.op} node has no name" for n in graph.nodes if not n.name]
+
+
+def name_nodes(graph: gs.Graph) -> None:
+    """Name every unnamed node `<op>_<n>`, unique in the graph. Exporters often leave names empty,
+    and passes report, include/exclude and key their per-layer decisions by node name."""
+    taken = {n.name for n in graph.nodes}
+    counter = 0
+    for node in graph.nodes:
+        if node.name:
+            continue
+        while f"{node.op}_{counter}" in taken:
+            counter += 1
+        node.name = f"{node.op}_{counter}"
+        taken.add(node.name)
+
+
 def _checker(graph: gs.Graph) -> list[str]:
     try:
         onnx.checker.check_model(skeleton_of(graph))
@@ -77,6 +96,7 @@ INVARIANTS = {inv.name: inv for inv in (
     Invariant(SHAPES_INFERRED, _shapes_inferred, infer_shapes),
     Invariant(NO_WEIGHT_QDQ, _no_weight_qdq),
     Invariant(UNIQUE_NAMES, _unique_names),
+    Invariant(NODES_NAMED, _nodes_named, name_nodes),
     Invariant(CHECKER, _checker),
 )}
 # Checked after every pass when verification is on, whatever the pass declares.

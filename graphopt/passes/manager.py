@@ -15,9 +15,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import fidelity, ort, verify
-from graphopt.ir.errors import GraphoptError, PassError, VerificationError
+from graphopt.ir.errors import GraphoptError, ModelError, PassError, VerificationError
 from graphopt.ir.graph import opset
-from graphopt.passes.base import Pass, PassContext, PassResult, Refusal
+from graphopt.ir.opset import upgrade_in_place
+from graphopt.passes.base import EXACT, Pass, PassContext, PassResult, Refusal
 
 
 @dataclass
@@ -98,6 +99,8 @@ class PassManager:
     def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> list[PassRecord]:
         ctx = ctx or PassContext(verify=self.verify)
         instruments = ([VerifyInstrument(graph)] if self.verify else []) + self.instruments
+        # Passes key refusals, decisions and include/exclude by node name; exporters leave some empty.
+        verify.name_nodes(graph)
         records = []
         for i, pass_ in enumerate(self.passes):
             for inst in instruments:
@@ -119,10 +122,24 @@ class PassManager:
     def _run_one(pass_: Pass, graph: gs.Graph, ctx: PassContext) -> PassResult:
         low, high = pass_.info.opset
         version = opset(graph)
-        if not low <= version <= high:
-            return PassResult(False, skipped=[Refusal("", f"opset {version} outside the pass's range {low}..{high}")])
+        if version > high:
+            return PassResult(False, skipped=[Refusal("", f"opset {version} is newer than the pass's range {low}..{high}")])
+        if version < low:
+            # Older exporters write opset 9-12: upgrade (verified EXACT) rather than skip the pass.
+            try:
+                upgrade_in_place(graph, low, ctx.feeds, verify=ctx.verify, check=EXACT.violation)
+            except ModelError as e:
+                return PassResult(False, skipped=[Refusal(e.node or "", f"opset {version} is below the pass's range "
+                                                              f"{low}..{high} and cannot be upgraded: {e.what}")])
+            verify.name_nodes(graph)
         for name in sorted(pass_.info.requires):
             establish = verify.INVARIANTS[name].establish
             if establish:
                 establish(graph)
-        return pass_.run(graph, ctx)
+        result = pass_.run(graph, ctx)
+        if version < low:
+            # The graph changed even where the pass did not: the report shows the upgrade, and the
+            # instruments check it.
+            result.stats["opset"] = f"{version} -> {low}"
+            result.modified = True
+        return result

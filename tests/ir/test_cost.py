@@ -57,3 +57,14 @@ def test_winograd_marker_counts_the_tile_products():
     (marker,) = graph.nodes
     # A 6x6 output is 2x2 tiles of 4x4; each tile costs (4 + 2)^2 products per channel pair.
     assert macs(marker) == 1 * (2 * 2) * 36 * 8 * 4  # 4,608, against 10,368 direct
+
+
+@pytest.mark.parametrize("op, gates, directions", [("LSTM", 4, 1), ("GRU", 3, 2), ("RNN", 1, 1)])
+def test_recurrent_layers_multiply_input_and_state_by_every_gate_each_step(op, gates, directions):
+    seq, batch, inputs, hidden = 5, 2, 6, 8
+    direction = "bidirectional" if directions == 2 else "forward"
+    layer = only_node([node(op, ["x", "w", "r"], ["y"], hidden_size=hidden, direction=direction)],
+                      {"x": (seq, batch, inputs)},
+                      {"w": rng_array((directions, gates * hidden, inputs)),
+                       "r": rng_array((directions, gates * hidden, hidden))})
+    assert macs(layer) == seq * batch * directions * gates * hidden * (inputs + hidden)

@@ -309,9 +309,20 @@ def test_cycle_inside_subgraph(model, write):
     load_error(write(model), "graph 'then'", "cycle", "neg -> abs -> neg")
 
 
-def test_unknown_opset_domain(model, write):
+def test_node_in_unknown_opset_domain_is_refused_by_name(model, write):
     model.opset_import.append(helper.make_opsetid("com.example.nobody", 1))
-    load_error(write(model), "unknown opset domain 'com.example.nobody'")
+    model.graph.node[2].domain = "com.example.nobody"
+    error = load_error(write(model), "node 'relu'", "unknown opset domain 'com.example.nobody'")
+    assert error.node == "relu"
+
+
+@pytest.mark.parametrize("domain", ["ai.onnx.training", "com.example.nobody"])
+def test_declared_domain_no_node_uses_is_accepted_and_kept(model, write, tmp_path, domain):
+    # onnxruntime's quant_pre_process declares ai.onnx.training without using it.
+    model.opset_import.append(helper.make_opsetid(domain, 1))
+    graph = io.load(write(model))
+    saved = onnx.load(str(io.save(graph, tmp_path / "out.onnx")))
+    assert (domain, 1) in [(o.domain, o.version) for o in saved.opset_import]
 
 
 def test_node_domain_not_imported(model, write):

@@ -2,6 +2,7 @@
 non-zero exit, no traceback and nothing written; the input model is never overwritten."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def _cycle(model, path):
 
 def _unknown_domain(model, path):
     model.opset_import.append(helper.make_opsetid("com.example.nobody", 1))
+    model.graph.node[2].domain = "com.example.nobody"
     path.write_bytes(model.SerializeToString())
 
 
@@ -58,7 +60,7 @@ BAD = {
     "truncated": (_truncated, "truncated"),
     "outside": (_outside, "outside the model's folder"),
     "cycle": (_cycle, "cycle"),
-    "unknown_domain": (_unknown_domain, "com.example.nobody"),
+    "unknown_domain": (_unknown_domain, "node 'relu': op Relu is in unknown opset domain 'com.example.nobody'"),
     "short_raw_data": (_short_raw_data, "initializer 'W'"),
     "short_constant": (_short_constant, "node 'const_b'"),
 }
@@ -131,3 +133,19 @@ def test_valid_external_data_model_optimizes(model, tmp_path):
     out = onnx.load(str(tmp_path / "out" / "model.opt.onnx"))
     by_name = {t.name: t for t in out.graph.initializer}
     np.testing.assert_array_equal(numpy_helper.to_array(by_name["W"]), weights)
+
+
+def test_opset_11_model_is_upgraded_for_quantize_and_keeps_its_metadata(tmp_path):
+    # Paddle writes opset 11 and keeps its recognizer's character dictionary in metadata_props.
+    from test_opset import exporter_model  # pytest puts this folder on sys.path
+
+    onnx.save(exporter_model(11), tmp_path / "m.onnx")
+    result = run_cli("optimize", "m.onnx", "--passes", "canonicalize,quantize", "-o", "out", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    quantize = next(p for p in report["passes"] if p["name"] == "quantize")
+    assert quantize["modified"] and quantize["stats"]["opset"] == "11 -> 13"
+    out = onnx.load(str(tmp_path / "out" / "model.opt.onnx"))
+    assert [(o.domain, o.version) for o in out.opset_import] == [("", 13)]
+    assert [(p.key, p.value) for p in out.metadata_props] == [("character", "0123456789abc")]
+    assert out.producer_name == "paddle2onnx"

@@ -100,3 +100,29 @@ def test_rewrite_sees_only_planned_layers():
     result = PassManager([Halve()]).run(graph)[0]
     assert list(result.decisions) == ["fc0"]
     np.testing.assert_array_equal(graph.tensors()["w1"].values, before)
+
+
+def if_model():
+    """y = If(c) then x @ w_then else x @ w_else, then an outer MatMul."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def branch(name, seed):
+        w = numpy_helper.from_array(rng_array((4, 4), seed), f"w_{name}")
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"w_{name}"], [f"o_{name}"], name=f"mm_{name}")],
+                                 name, [], [helper.make_tensor_value_info(f"o_{name}", TensorProto.FLOAT, [2, 4])], [w])
+
+    nodes = [helper.make_node("If", ["c"], ["b"], name="choose", then_branch=branch("then", 1),
+                              else_branch=branch("else", 2)), node("MatMul", ["b", "w"], ["y"], name="outer")]
+    graph = helper.make_graph(nodes, "if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                                            helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(rng_array((4, 4), 3), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_layers_inside_subgraphs_are_left_and_said():
+    feeds = [{"x": rng_array((2, 4), s), "c": np.array(s == 0)} for s in (0, 1)]
+    graph, result, _ = check_pass(if_model(), ScaleWeights(), feeds)
+    assert list(result.decisions) == ["outer"]
+    assert [(s.node, s.reason) for s in result.skipped] == [
+        ("choose", "2 MatMul layer(s) inside its If body: subgraphs are left as they are")]

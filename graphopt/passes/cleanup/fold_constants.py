@@ -45,7 +45,7 @@ class FoldConstants(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         rewriter, refused = Rewriter(graph), {}
-        folded = 0
+        folded = _fold_constant_nodes(graph, rewriter)
         for _ in range(self.options.max_rounds):
             count = _fold_shapes(graph, rewriter) + self._fold_round(graph, rewriter, refused)
             rewriter.commit()
@@ -74,12 +74,27 @@ class FoldConstants(Pass):
         return count
 
 
+def _fold_constant_nodes(graph: gs.Graph, rewriter: Rewriter) -> int:
+    """Constant nodes holding a tensor (as Paddle and some exporters write weights) become
+    initializers as they are, so later passes see weights; the other forms (value_float, ...)
+    are small and evaluated with the rest."""
+    count = 0
+    for node in graph.nodes:
+        value = node.attrs.get("value")
+        if node.op == "Constant" and isinstance(value, gs.Constant) and not is_graph_output(graph, node.outputs[0]):
+            rewriter.fold(node, [value.values])
+            count += 1
+    if count:
+        rewriter.commit()
+    return count
+
+
 def _foldable(node: gs.Node, graph: gs.Graph, refused: dict) -> bool:
     if node.op in NEVER_FOLD or node.domain not in ("", "ai.onnx", None) or not node.outputs:
         return False
     if not all(t.is_empty() or isinstance(t, gs.Constant) for t in node.inputs):
         return False
-    if not any(isinstance(t, gs.Constant) for t in node.inputs):
+    if not any(isinstance(t, gs.Constant) for t in node.inputs) and node.op != "Constant":
         return False  # nothing to fold from (e.g. an op with only optional inputs)
     if any(is_graph_output(graph, t) for t in node.outputs):
         refused[node.name] = "output is a graph output"

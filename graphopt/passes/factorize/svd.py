@@ -58,16 +58,42 @@ def examine(node: gs.Node, graph: gs.Graph) -> Match | None:
 
 def _check_not_factored(graph: gs.Graph, node: gs.Node, index: int) -> None:
     """Refuses `node` when it is one half of a factorization: a bias-free product whose output only
-    another constant-weight product reads, or a product reading such a half's output."""
+    another constant-weight product reads, through an inner dimension r that saves parameters
+    (r (m + n) < m n), or the product reading such a half's output. A chain that does not save
+    (an exporter's MatMul -> MatMul) is two layers, each factored on its own."""
     activation = node.inputs[1 - index]
     source = producer(activation)
-    if source is not None and _bias_free_linear(source) and len(activation.outputs) == 1:
+    if (source is not None and _bias_free_linear(source) and len(activation.outputs) == 1
+            and _low_rank_pair(source, node)):
         raise Refused(f"{lowrank.ALREADY_FACTORED}: reads the bias-free product '{source.name}' directly")
     out = node.outputs[0]
     readers = list(out.outputs)
     if (_bias_free_linear(node) and len(readers) == 1 and _bias_free_linear(readers[0], bias_ok=True)
-            and not is_graph_output(graph, out)):
+            and not is_graph_output(graph, out) and _low_rank_pair(node, readers[0])):
         raise Refused(f"{lowrank.ALREADY_FACTORED}: feeds the product '{readers[0].name}' directly")
+
+
+def _features(node: gs.Node) -> tuple[int, int] | None:
+    """(input features, output features) of a product with one constant 2-D operand."""
+    index = next((i for i in (1, 0) if isinstance(node.inputs[i], gs.Constant)), None)
+    if index is None or len(node.inputs[index].shape) != 2:
+        return None
+    k, n = _weight_shape(node, index)
+    return (k, n) if node.op == "Gemm" or index == 1 else (n, k)
+
+
+def _weight_shape(node: gs.Node, index: int) -> tuple[int, int]:
+    """The shape of `effective_weight`, without reading the values."""
+    rows, cols = node.inputs[index].shape
+    return (cols, rows) if node.op == "Gemm" and node.attrs.get("transB", 0) else (rows, cols)
+
+
+def _low_rank_pair(first: gs.Node, second: gs.Node) -> bool:
+    a, b = _features(first), _features(second)
+    if a is None or b is None or a[1] != b[0]:
+        return False
+    (m, r), n = a, b[1]
+    return r * (m + n) < m * n
 
 
 def _bias_free_linear(node: gs.Node, bias_ok: bool = False) -> bool:

@@ -8,8 +8,9 @@ min, max and a 2048-bin histogram of |x| (graphopt.kernels.histogram) and is the
 memory is bounded by one batch of activations plus 2048 floats per tensor. Methods: "minmax",
 "percentile" (of |x|), "entropy" (TensorRT's KL-divergence search) and "mse" (the clipping
 threshold with least expected squared error). The clipped methods are symmetric in |x|: the range
-is the observed [min, max] cut to [-T, T]. A model whose batch dimension is fixed runs in batches
-of that size.
+is the observed [min, max] cut to [-T, T]. Samples are sliced along the batch axis of the inputs
+that have one (`graphopt.ir.data.Batching`); scalars and fixed-shape state go whole into every run.
+A model whose batch dimension is fixed runs in batches of that size.
 Verified by: tests/passes/quant/test_calibrate.py (batched vs whole-data statistics, numpy
 references) and tests/kernels/test_histogram.py (kernels vs slow references).
 """
@@ -19,13 +20,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import ort
-from graphopt.ir.data import batches
+from graphopt.ir.data import Batching, input_specs
 from graphopt.ir.errors import PipelineError
-from graphopt.ir.graph import export
 from graphopt.kernels import histogram
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -74,19 +73,18 @@ class TensorStats:
         return max(lo, -t), min(hi, t)
 
 
-def with_outputs(graph: gs.Graph, names: list[str]) -> onnx.ModelProto:
-    """The graph's model with `names` added as (float) graph outputs, so onnxruntime returns them."""
-    model = export(graph)
-    present = {o.name for o in model.graph.output}
+def with_outputs(graph: gs.Graph, names: list[str]) -> gs.Graph:
+    """A copy of the graph with `names` added as (float) graph outputs, so onnxruntime returns them.
+    A graph, not a ModelProto: onnxruntime then shares the weights of a large model (ir.ort)."""
+    copy = graph.copy()
+    tensors = copy.tensors()
+    present = {t.name for t in copy.outputs}
     for name in names:
         if name not in present:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return model
-
-
-def _batch_size(graph: gs.Graph, requested: int) -> int:
-    fixed = [t.shape[0] for t in graph.inputs if t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0]
-    return fixed[0] if fixed else requested
+            tensor = tensors[name]
+            tensor.dtype = tensor.dtype or np.float32
+            copy.outputs.append(tensor)
+    return copy
 
 
 def calibrate(graph: gs.Graph, names: list[str], feeds: dict[str, np.ndarray], batch_size: int = 32,
@@ -95,16 +93,16 @@ def calibrate(graph: gs.Graph, names: list[str], feeds: dict[str, np.ndarray], b
     stats = {name: TensorStats() for name in names}
     if not names:
         return stats
-    session = ort.session(with_outputs(graph, names))
-    total = min((len(v) for v in feeds.values()), default=0)
-    if total == 0:
+    batching = Batching.of(input_specs(graph), feeds)
+    if batching.samples == 0:
         raise PipelineError("calibration data is empty: pass --data with at least one sample")
+    session = ort.session(with_outputs(graph, names))
     done = 0
-    for batch in batches(feeds, _batch_size(graph, batch_size)):
+    for batch in batching.batches(feeds, batch_size):
         outputs = ort.run(session, batch)
         for name in names:
             stats[name].update(outputs[name])
-        done += len(next(iter(batch.values())))
+        done = min(done + (batching.run or batch_size), batching.samples)
         if progress:
-            progress(done, total)
+            progress(done, batching.samples)
     return stats

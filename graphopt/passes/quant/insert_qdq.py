@@ -23,9 +23,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import fidelity, ort
-from graphopt.ir.data import input_specs, random_feeds
+from graphopt.ir.data import Batching, input_specs, random_feeds
 from graphopt.ir.errors import PipelineError
-from graphopt.ir.graph import attr, is_graph_output, opset, producer
+from graphopt.ir.graph import attr, is_graph_output, np_dtype, opset, producer
 from graphopt.ir.verify import TOPOSORTED
 from graphopt.passes.base import (LOSSY, Layer, LayerOptions, LayerPass, PassContext, PassInfo, PassResult, Refused,
                                   option)
@@ -261,7 +261,11 @@ class Quantize(LayerPass):
             if isinstance(node.inputs[0], gs.Constant):
                 raise Refused("constant left operand (only input 1 is quantized as a weight)")
             return None  # quantized already: its weight is behind DequantizeLinear
-        check_weight(graph, node.inputs[1], "quantize")
+        weight = check_weight(graph, node.inputs[1], "quantize")
+        if np_dtype(weight.dtype) != np.float32:
+            # QDQ scales are float32 here, and DequantizeLinear's output takes the scale's type.
+            raise Refused(f"weight '{weight.name}' is {np_dtype(weight.dtype).name}: quantize takes float32 "
+                          "layers (export the model in float32)")
         return node
 
     def plan(self, layers: list[Layer], graph: gs.Graph, ctx: PassContext,
@@ -329,15 +333,16 @@ class Quantize(LayerPass):
         return result
 
 
-def _sample(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: v[:ERROR_SAMPLES] for k, v in feeds.items()}
+def _sample(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The first ERROR_SAMPLES samples, along the batch axis of the inputs that have one."""
+    return Batching.of(input_specs(graph), feeds).first(feeds, ERROR_SAMPLES)
 
 
 def layer_errors(float_graph: gs.Graph, graph: gs.Graph, decisions: dict[str, dict],
                  feeds: dict[str, np.ndarray]) -> None:
     """Add each layer's output SQNR (quantized model vs float model) to its decision."""
     outputs = {n.name: n.outputs[0].name for n in float_graph.nodes if n.name in decisions}
-    sample = _sample(feeds)
+    sample = _sample(float_graph, feeds)
     ref = ort.run(cal.with_outputs(float_graph, list(outputs.values())), sample)
     got = ort.run(cal.with_outputs(graph, list(outputs.values())), sample)
     for name, out in outputs.items():
@@ -358,7 +363,7 @@ def diagnose(graph: gs.Graph, feeds: dict[str, np.ndarray], options: Options | N
 def layer_sensitivity(graph: gs.Graph, layers: list[gs.Node], params: dict[str, QParams], per_channel: bool,
                       feeds: dict[str, np.ndarray]) -> dict[str, float]:
     """Lowest output SQNR (dB) of the model with only one layer (weights and input) quantized, per layer."""
-    sample = _sample(feeds)
+    sample = _sample(graph, feeds)
     reference = ort.run(graph, sample)
     ranking = {}
     for node in layers:
@@ -384,7 +389,7 @@ def bias_shifts(graph: gs.Graph, layers: list[gs.Node], feeds: dict[str, np.ndar
                 per_channel: bool) -> dict[str, np.ndarray]:
     """Per layer, the mean per-channel output shift its weight rounding causes (Nagel et al. 2019),
     measured with only that layer's weights quantized on the calibration samples."""
-    sample = _sample(feeds)
+    sample = _sample(graph, feeds)
     shifts = {}
     for node in [n for n in layers if n.op in ("Conv", "Gemm")]:
         out = node.outputs[0].name

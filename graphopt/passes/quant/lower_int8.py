@@ -12,8 +12,9 @@ Refuses: per-channel activations, uint8 weights or non-zero weight zero points, 
 weights, a bias not int32 at scale input x weight, a scale or zero point computed at run time, Gemm
 with transA, alpha or beta, pass-through ops requantized differently; for uint8, an activation that
 is a graph input or output or meets an op the shift does not know. Refused layers stay valid QDQ.
-Guarantees: TOLERANCE(0, ATOL): each integer tensor is within one step of the QDQ layer run in
-float (the same integer sums, rounded once); the uint8 shift is exact. Decisions: each node's form.
+Guarantees: each integer tensor is within one step of the QDQ layer run in float (the same integer
+sums, rounded once); the uint8 shift is exact. The steps compound through depth, so the model's
+outputs are held to TOLERANCE(0, ATOL x max(1, max|y|)). Decisions: each node's form.
 Verified by: tests/passes/quant/test_lower_int8.py against the QDQ model in onnxruntime.
 """
 from __future__ import annotations
@@ -39,8 +40,10 @@ ACTIVATION_TYPES = (TensorProto.INT8, TensorProto.UINT8)
 # Bias scale must be input scale x weight scale; quantize computes it in float32, so equal up to
 # one float32 rounding.
 BIAS_SCALE_RTOL = 1e-6
-# Output error in the model's units: over twice the worst measured (docs/passes/lower-int8.md).
-ATOL = 0.1
+# Output error as a fraction of the output's largest magnitude. Each layer is within one step of
+# the QDQ model, but a step flipped early propagates: 2% of max|y| through a 2-layer encoder, 7%
+# through 12 layers (docs/passes/lower-int8.md); twice the deepest measured.
+ATOL = 0.15
 
 
 @dataclass(frozen=True)
@@ -318,7 +321,7 @@ class LowerInt8(Pass):
     name = "lower-int8"
     Options = Options
     # Opset 13: the per-axis DequantizeLinear quantize emits; Max on integers needs 12.
-    info = PassInfo(TOLERANCE(0.0, ATOL), opset=(13, onnx.defs.onnx_opset_version()))
+    info = PassInfo(TOLERANCE(0.0, ATOL, scaled=True), opset=(13, onnx.defs.onnx_opset_version()))
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(False)

@@ -186,3 +186,14 @@ def test_digits_keeps_its_accuracy_with_fewer_parameters(energy):
                 for g in (onnx.load(DIGITS), result.graph)]
     assert accuracy[1] >= accuracy[0] - 0.03
     assert result.report["after"]["params"] < result.report["before"]["params"]
+
+
+def test_a_chain_of_bias_free_products_is_two_layers_not_a_factorization():
+    # Exporters emit MatMul -> MatMul without biases (x W1 W2, 32 -> 24 -> 24): the inner 24 saves
+    # nothing as a factorization, so both are layers; after factoring, the halves are recognised.
+    nodes = [node("MatMul", ["x", "w1"], ["h"], name="fc1"), node("MatMul", ["h", "w2"], ["y"], name="fc2")]
+    m = model(nodes, {"x": (4, 32)}, {"y": None}, {"w1": rng_array((32, 24), 1), "w2": rng_array((24, 24), 2)})
+    graph, result, _ = check_pass(m, FactorizeSVD(rank=2))
+    assert sorted(result.decisions) == ["fc1", "fc2"] and not result.refused
+    again = PassManager([FactorizeSVD(rank=2)]).run(graph)[0]
+    assert not again.modified and all(r.reason.startswith("already factored") for r in again.refused)
