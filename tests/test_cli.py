@@ -9,6 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from graphopt.testing.tiny import with_dims
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
 TEST_DATA = ROOT / "models" / "digits_test.npz"
@@ -127,16 +129,9 @@ def test_include_that_matches_nothing_is_an_error_on_every_layer_pass(tmp_path):
 
 def symbolic_digits(tmp_path, dims=("N", 1, "H", "W"), name="digits_sym.onnx"):
     """The digits CNN with its input dims replaced (str: symbolic), as a dynamic-shape exporter writes it."""
-    model = onnx.load(DIGITS)
-    for d, new in zip(model.graph.input[0].type.tensor_type.shape.dim, dims):
-        d.Clear()
-        if isinstance(new, str):
-            d.dim_param = new
-        else:
-            d.dim_value = new
+    model = with_dims(onnx.load(DIGITS), dims)
     if not isinstance(dims[0], str):
         model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = dims[0]
-    del model.graph.value_info[:]
     onnx.save(model, tmp_path / name)
     return tmp_path / name
 

@@ -25,3 +25,17 @@ def model(nodes: list[onnx.NodeProto], inputs: dict[str, tuple], outputs: dict[s
     m = onnx.shape_inference.infer_shapes(m)
     onnx.checker.check_model(m)
     return m
+
+
+def with_dims(model: onnx.ModelProto, dims: list) -> onnx.ModelProto:
+    """A copy of `model` with its first input's dims replaced (str: symbolic, as dynamic-shape
+    exporters write them) and no stale value_info."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for d, new in zip(model.graph.input[0].type.tensor_type.shape.dim, dims):
+        d.Clear()
+        if isinstance(new, str):
+            d.dim_param = new
+        else:
+            d.dim_value = new
+    del model.graph.value_info[:]
+    return model

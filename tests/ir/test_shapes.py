@@ -16,6 +16,7 @@ from graphopt.ir.errors import DataError
 from graphopt.ir.graph import infer_shapes
 from graphopt.ir.shapes import check_input_shapes, parse_input_shapes, specialize
 from graphopt.report import summarize
+from graphopt.testing.tiny import with_dims
 
 DIGITS = Path(__file__).resolve().parents[2] / "models" / "digits_cnn.onnx"
 
@@ -56,17 +57,6 @@ def attention_scores(d: int = 16, heads: int = 2) -> gs.Graph:
     return gs.import_onnx(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
 
 
-def with_dims(model: onnx.ModelProto, dims: list) -> onnx.ModelProto:
-    """`model` with its first input's dims replaced (str: symbolic) and no stale value_info."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    for d, new in zip(model.graph.input[0].type.tensor_type.shape.dim, dims):
-        d.Clear()
-        if isinstance(new, str):
-            d.dim_param = new
-        else:
-            d.dim_value = new
-    del model.graph.value_info[:]
-    return model
 
 
 def test_parse_input_shapes():
