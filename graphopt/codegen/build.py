@@ -78,7 +78,11 @@ def compile(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Targe
 def check_supported(model: onnx.ModelProto) -> None:
     """Raise CodegenError naming every node (in subgraphs too) whose op graphopt cannot import."""
     known = onnx_import.known_ops() | _FRONTEND_BUILTIN_OPS
-    missing = [n for n in _all_nodes(model.graph) if n.op_type not in known or onnx_import.foreign(n)]
+    # Calls of model-local functions are inlined before import: their bodies are what must convert.
+    local = {(f.domain, f.name) for f in model.functions}
+    nodes = [*_all_nodes(model.graph), *(n for f in model.functions for n in f.node)]
+    missing = [n for n in nodes if (n.domain, n.op_type) not in local
+               and (n.op_type not in known or onnx_import.foreign(n))]
     if not missing:
         return
     shown = "; ".join(f"node '{n.name or '(unnamed)'}' ({n.op_type})" for n in missing[:_UNSUPPORTED_SHOWN])

@@ -18,6 +18,7 @@ import io
 from collections.abc import Callable, Mapping
 
 import onnx
+import onnx.inliner
 
 from graphopt.codegen import int8_import, recurrent, shape_fold, winograd
 from graphopt.codegen.targets import tvm_error_summary
@@ -51,7 +52,7 @@ def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
     `shape_dict` (`shape_fold`). A node that fails to convert raises CodegenError naming it."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    model = shape_fold.prepare(model, shape_dict)
+    model = shape_fold.prepare(_inline_functions(model), shape_dict)
 
     class Importer(onnx_frontend.ONNXGraphImporter):
         current: onnx.NodeProto | None = None
@@ -89,6 +90,15 @@ def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
 # What TVM's converters say when a shape they need is a tensor computed at run time.
 _RUN_TIME_SHAPE = ("ShapeExpr", "to be Shape", "statically known", "Dynamic", "dynamic", "must be a constant",
                    "could not be inferred")
+
+
+def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Model-local functions (torch exports blocks such as SqueezeExcitation as functions) inlined,
+    since TVM's frontend converts only ops; graphopt's own ops stay, for its converters."""
+    own = {(ops.DOMAIN, ops.WINOGRAD_CONV)}
+    if all((f.domain, f.name) in own for f in model.functions):
+        return model
+    return onnx.inliner.inline_selected_functions(model, sorted(own), exclude=True)
 
 
 def node_error(node: onnx.NodeProto, error: BaseException) -> str:

@@ -95,15 +95,16 @@ def load_feeds(path: str | os.PathLike, specs: list[InputSpec], limit: int | Non
 
 def check_feeds(feeds: dict[str, np.ndarray], specs: list[InputSpec], source: str = "data"
                 ) -> dict[str, np.ndarray]:
-    """`feeds` cast to each input's dtype, after checking name, dtype kind, rank, every static dim,
-    and that a symbolic dim named twice has one size; DataError naming `source`, input and dim."""
-    out, sizes = {}, {}
+    """`feeds` cast to each input's dtype, after checking name, dtype kind, rank and every static
+    dim (symbolic ones may differ between inputs, as onnxruntime lets them); DataError naming
+    `source`, input and dim."""
+    out = {}
     for s in specs:
         if s.name not in feeds:
             raise DataError(f"{source}: no array for model input '{s.name}' (has: {', '.join(sorted(feeds))})")
         a = _cast(np.asarray(feeds[s.name]), s, source)
         if s.shape is not None:
-            _check_dims(a, s, source, sizes)
+            _check_dims(a, s, source)
         out[s.name] = a
     return out
 
@@ -125,7 +126,7 @@ def _cast(a: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
     return cast
 
 
-def _check_dims(a: np.ndarray, spec: InputSpec, source: str, sizes: dict) -> None:
+def _check_dims(a: np.ndarray, spec: InputSpec, source: str) -> None:
     if a.ndim != len(spec.shape):
         raise DataError(f"{source}: input '{spec.name}': the data has shape {a.shape} (rank {a.ndim}), the model "
                         f"wants rank {len(spec.shape)} ({_show(spec.shape)})")
@@ -136,11 +137,6 @@ def _check_dims(a: np.ndarray, spec: InputSpec, source: str, sizes: dict) -> Non
             if have != want and not several:
                 more = f" (or a multiple of it, run {want} at a time)" if i == 0 and want > 0 else ""
                 raise DataError(f"{source}: input '{spec.name}': dim {i} is {have}, the model wants {want}{more}")
-        elif isinstance(want, str) and want:
-            first = sizes.setdefault(want, (have, spec.name))
-            if first[0] != have:
-                raise DataError(f"{source}: input '{spec.name}': dim {i} ('{want}') is {have}, but input "
-                                f"'{first[1]}' has {want}={first[0]}")
 
 
 def _show(shape: tuple) -> str:
@@ -158,10 +154,15 @@ class Batching:
 
     @classmethod
     def of(cls, specs: list[InputSpec], feeds: dict[str, np.ndarray]) -> Batching:
-        """Inputs with a symbolic leading dim carry samples; without any, inputs whose data fills
-        a fixed leading dim a whole number of times (none, once, several) do. The first such input sets the sample count; another
-        whose first axis differs is held fixed (a symbolic dim that is not the batch)."""
+        """Inputs with a symbolic leading dim carry samples, when all such dims have one name;
+        without any, inputs whose data fills a fixed leading dim a whole number of times do. The
+        first such input sets the sample count; another whose first axis differs is held fixed."""
         symbolic = [s for s in specs if s.symbolic_batch and np.ndim(feeds.get(s.name)) > 0]
+        if len({s.shape[0] for s in symbolic}) > 1 or len({len(feeds[s.name]) for s in symbolic}) > 1:
+            # Leading dims named apart, or of different lengths (a graph network's atoms, edges and
+            # index lists; exporters reuse one name for unrelated dims, and onnxruntime lets them
+            # differ) are no common batch: slicing them apart would break what links them.
+            return cls(frozenset(), 1, None)
         fixed = [s for s in specs if s.shape and is_static(s.shape[0]) and s.shape[0] > 0
                  and np.ndim(feeds.get(s.name)) > 0 and len(feeds[s.name]) % s.shape[0] == 0]
         carriers = symbolic or fixed

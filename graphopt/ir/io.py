@@ -79,7 +79,43 @@ def _read(path: Path) -> onnx.ModelProto:
         for tensor, node in _graph_tensors(graph):
             _check_tensor(path, tensor, node)
         _check_acyclic(path, graph)
+        _sort_nodes(graph)
     return model
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Put an acyclic graph's nodes in an order where each follows its producers, keeping the
+    file's order where it already does: onnxruntime runs unsorted models, the checker refuses them."""
+    produced = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
+    placed: set[int] = set()
+    order: list[int] = []
+
+    def place(i: int) -> None:
+        # Depth-first over producers in this graph (names from outside it are available already).
+        stack = [(i, False)]
+        while stack:
+            j, expanded = stack.pop()
+            if j in placed:
+                continue
+            if expanded:
+                placed.add(j)
+                order.append(j)
+                continue
+            stack.append((j, True))
+            for name in reversed(list(graph.node[j].input)):
+                k = produced.get(name)
+                if k is not None and k not in placed:
+                    stack.append((k, False))
+
+    for i in range(len(graph.node)):
+        place(i)
+    if order != list(range(len(graph.node))):
+        nodes = [graph.node[i] for i in order]
+        copies = [onnx.NodeProto() for _ in nodes]
+        for copy, node in zip(copies, nodes):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(copies)
 
 
 def _unmapped_tensors(model: onnx.ModelProto):

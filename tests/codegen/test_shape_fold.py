@@ -134,3 +134,19 @@ def test_an_import_error_after_symbolic_dims_were_set_to_1_says_so():
         [numpy_helper.from_array(np.array([1, 4], np.int64), "shape")])
     with pytest.raises(CodegenError, match=r"node 'flatten' \(Reshape\).*the symbolic dims x: W were set to 1"):
         build.to_relax(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+def test_model_local_functions_are_inlined_before_import(tmp_path):
+    # torch exports blocks (SqueezeExcitation, ...) as model-local functions: their bodies convert.
+    body = [helper.make_node("Sigmoid", ["X"], ["s"]), helper.make_node("Mul", ["X", "s"], ["Y"])]
+    silu = helper.make_function("local", "SiLUBlock", ["X"], ["Y"], body, [helper.make_opsetid("", 17)])
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                               helper.make_node("SiLUBlock", ["c"], ["y"], domain="local", name="block")], "fn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[silu])
+    library = codegen.load(codegen.compile(model, "x86", tmp_path).library)
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(library(x), ort.run(model, {"x": x})["y"], rtol=1e-4, atol=1e-5)

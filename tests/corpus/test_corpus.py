@@ -22,14 +22,7 @@ MODELS = corpus_lib.models()
 RESERVED = ("ocr", "vad", "silero", "sentence", "embed", "fashion")
 
 # (model id, pass family) -> the exact error today. Edit freely: one line per known failure.
-_CALIBRATION_SLICES_NO_BATCH_INPUTS = (
-    "GraphoptError: onnxruntime failed to run the model: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : "
-    "Non-zero status code returned while running Gather node. Name:'/interactions.0/Gather_2' Status Message: "
-    "indices element out of data bounds, idx=35 must be within the inclusive range [-32,31]")
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("caustic-painn", "quantize"): _CALIBRATION_SLICES_NO_BATCH_INPUTS,
-    ("caustic-painn", "lower-int8"): _CALIBRATION_SLICES_NO_BATCH_INPUTS,
-    ("surfaces-mlp", "prune-channels"): "prune-channels: changed nothing and said nothing, with ['MatMul'] in the model",
 }
 
 # (model id, pass family) -> what of the model's own data the saved model loses today.

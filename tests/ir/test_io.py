@@ -463,3 +463,19 @@ def test_fuzzed_file_loads_or_raises_model_error(fuzz_bases, base, cut, flips):
         io.load(path)
     except ModelError as e:
         assert "fuzz.onnx" in str(e)
+
+
+def test_nodes_out_of_order_are_sorted_on_load(tmp_path):
+    # Some exporters write producers after their readers; onnxruntime runs such a file, the ONNX
+    # checker refuses it. Loading sorts an acyclic graph and keeps an already sorted one as it is.
+    nodes = [helper.make_node("Relu", ["a"], ["y"], name="second"), helper.make_node("Neg", ["x"], ["a"], name="first"),
+             helper.make_node("Abs", ["y"], ["z"], name="third")]
+    graph = helper.make_graph(nodes, "unsorted", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3])])
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    loaded = io.load(path)
+    assert [n.name for n in loaded.nodes] == ["first", "second", "third"]
+    saved = onnx.load(str(io.save(loaded, tmp_path / "sorted.onnx")))
+    onnx.checker.check_model(saved)
+    assert [n.name for n in saved.graph.node] == ["first", "second", "third"]

@@ -134,7 +134,20 @@ class PruneChannels(LayerPass):
                 result.refuse(group_name(group), e.reason)
                 continue
             groups.append(group)
+        self._unreached(graph, dg, result)
         return Survey(dg, scores, groups)
+
+    def _unreached(self, graph: gs.Graph, dg: DependencyGraph, result: PassResult) -> None:
+        """Layers in no group at all are refused with why, so a pass that prunes nothing says so."""
+        grouped = {name for g in dg.groups() for name in g.layers}
+        told = {name for r in result.refused + result.skipped for name in r.node.split("+")}
+        for node in self.candidates(graph):
+            if node.name in grouped or node.name in told or not any(isinstance(t, gs.Constant) for t in node.inputs[1:2]):
+                continue
+            out = node.outputs[0]
+            why = ("its output shape is unknown (shape inference stops before it: give --input-shape)"
+                   if out.shape is None else "its output channels are in no group the channel analysis follows")
+            result.refuse(node.name, why)
 
     def _by_sensitivity(self, graph: gs.Graph, survey: Survey, model: CostModel, target: float,
                         ctx: PassContext, stats: dict) -> dict[int, int]:
