@@ -134,15 +134,15 @@ def _codegen(result, target, staged: Path, out_dir: Path, args, shapes: dict) ->
 
 def print_report(report: dict, out_dir: Path) -> None:
     b, a = report["before"], report["after"]
-    print(f"{'':14}{'before':>16}{'after':>16}")
+    print(f"{'':17}{'before':>16}{'after':>16}")
     for key in ("params", "size_bytes", "compressed_bytes", "macs", "nodes"):
         if b.get(key) is not None and a.get(key) is not None:
-            print(f"{key:14}{b[key]:>16,}{a[key]:>16,}")
+            print(f"{key:17}{b[key]:>16,}{a[key]:>16,}")
     if "sparsity" in a:
-        print(f"{'sparsity':14}{b['sparsity']:>16.3f}{a['sparsity']:>16.3f}")
+        print(f"{'sparsity':17}{b['sparsity']:>16.3f}{a['sparsity']:>16.3f}")
     if "latency_ms" in report:
         lat = report["latency_ms"]["onnxruntime"]
-        print(f"{'ORT ms':14}{lat['before']:>16.4f}{lat['after']:>16.4f}")
+        print(f"{'ORT ms':17}{lat['before']:>16.4f}{lat['after']:>16.4f}")
     if b.get("symbolic_dims"):
         print(f"MACs count the symbolic dims {', '.join(b['symbolic_dims'])} as 1: give --input-shape NAME=D0,D1,... "
               f"or --data for the real count")
