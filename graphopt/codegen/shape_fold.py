@@ -206,11 +206,24 @@ def _replace_by_values(graph: onnx.GraphProto, values: Mapping[str, np.ndarray])
     """Remove the nodes all of whose outputs are in `values`; the values that the remaining nodes
     and the graph outputs read become initializers."""
     kept = [n for n in graph.node if not all(o in values for o in n.output if o)]
+    _drop_empty_concat_operands(kept, values)
     read = set(_read_names(kept)) | {o.name for o in graph.output}
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(numpy_helper.from_array(np.asarray(values[name]), name)
                              for name in sorted(read & set(values)))
+
+
+def _drop_empty_concat_operands(nodes: list[onnx.NodeProto], values: Mapping[str, np.ndarray]) -> None:
+    """A folded operand with no elements adds nothing to a Concat (torch pads with such tensors);
+    dropped, since TVM cannot load a library holding an empty constant."""
+    for node in nodes:
+        if node.op_type != "Concat":
+            continue
+        inputs = [i for i in node.input if not (i in values and np.asarray(values[i]).size == 0)]
+        if inputs and len(inputs) < len(node.input):
+            del node.input[:]
+            node.input.extend(inputs)
 
 
 def _read_names(nodes: Iterable[onnx.NodeProto]) -> Iterable[str]:

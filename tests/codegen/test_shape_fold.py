@@ -150,3 +150,21 @@ def test_model_local_functions_are_inlined_before_import(tmp_path):
     library = codegen.load(codegen.compile(model, "x86", tmp_path).library)
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(library(x), ort.run(model, {"x": x})["y"], rtol=1e-4, atol=1e-5)
+
+
+def test_an_empty_tensor_concatenated_by_a_torch_export_is_dropped(tmp_path):
+    # torch pads with ConstantOfShape([n, 0, 3]) -> Concat: folded, it would be an empty constant,
+    # which TVM cannot load back from a library.
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array([0], np.int64), "ax"),
+             numpy_helper.from_array(np.array([0, 3], np.int64), "rest")]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["n1"]), helper.make_node("Concat", ["n1", "rest"], ["shape"], axis=0),
+             helper.make_node("ConstantOfShape", ["shape"], ["empty"],
+                              value=numpy_helper.from_array(np.array([0.0], np.float32))),
+             helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Concat", ["r", "empty"], ["y"], axis=1)]
+    graph = helper.make_graph(nodes, "pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    library = codegen.load(codegen.compile(model, "x86", tmp_path).library)
+    x = np.random.default_rng(2).standard_normal((1, 4, 3)).astype(np.float32)
+    np.testing.assert_allclose(library(x), ort.run(model, {"x": x})["y"], rtol=1e-6, atol=1e-6)
