@@ -17,6 +17,36 @@ class Fidelity:
 
 
 CHUNK = 1 << 20
+# Equal up to float rounding (passes' EXACT): the absolute part is scaled by the output's magnitude.
+EXACT_RTOL, EXACT_ATOL = 1e-4, 1e-5
+
+
+def bound_violation(reference: np.ndarray, candidate: np.ndarray, rtol: float, atol: float,
+                    scaled: bool, bound: str) -> str | None:
+    """Why `candidate` is not within `atol` (x max(1, max|reference|) when `scaled`) + `rtol` x
+    |reference| of `reference` everywhere, with the same non-finite values (`bound` names that
+    bound in the message); None when it is."""
+    ref, out = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if ref.shape != out.shape:
+        return f"shape {out.shape} != {ref.shape}"
+    # Rounding error of reassociated float sums scales with the output's magnitude.
+    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+    atol = atol * scale if scaled else atol
+    floor = _precision_floor(np.asarray(candidate).dtype)
+    if floor:  # float16 sums round at 1e-3: a bound made for float32 would fail any reordering
+        atol, rtol = max(atol, floor * scale), max(rtol, floor)
+    err = np.abs(out - ref)
+    if np.all(err <= atol + rtol * np.abs(ref)) and np.all(np.isfinite(out) == np.isfinite(ref)):
+        return None
+    return f"max abs error {float(np.nanmax(err)):.3g} exceeds {bound}"
+
+
+def _precision_floor(dtype: np.dtype) -> float:
+    """The least tolerance that outputs of a low-precision float type can be held to: 16 units in
+    the last place (float16's sums of a few hundred terms reassociated); 0 for float32 and wider."""
+    if dtype == np.float16:
+        return 16 * float(np.finfo(np.float16).eps)
+    return 0.0
 
 
 def measure(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:

@@ -18,16 +18,13 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
-from graphopt.ir import ort
+from graphopt.ir import fidelity, ort
 from graphopt.ir.data import input_specs, random_feeds
 from graphopt.ir.errors import GraphoptError, ModelError
 from graphopt.ir.graph import (SKELETON_MAX_ELEMENTS, ModelGraph, constant_nodes_to_initializers, export,
                                min_ir_version, opset, without_large_weights)
 
 Check = Callable[[np.ndarray, np.ndarray], "str | None"]
-# EXACT of passes/base.py (ir/ imports nothing above it): equal up to float rounding, the absolute
-# part scaled by the output's largest magnitude.
-_EXACT_RTOL, _EXACT_ATOL = 1e-4, 1e-5
 _NO_ADAPTER = re.compile(r"No Adapter (?:From|To) Version \$?(\d+) for (\w+)")
 _UNDEFINED = re.compile(r"Input (\S+) is undefined")
 _ASSERTION = re.compile(r"^.*?failed: ")
@@ -173,12 +170,5 @@ def _verify(original: gs.Graph, upgraded: gs.Graph, feeds: dict[str, np.ndarray]
 
 
 def _exact(reference: np.ndarray, candidate: np.ndarray) -> str | None:
-    ref, out = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
-    if ref.shape != out.shape:
-        return f"shape {out.shape} != {ref.shape}"
-    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
-    err = np.abs(out - ref)
-    if np.all(err <= _EXACT_ATOL * scale + _EXACT_RTOL * np.abs(ref)) and np.array_equal(np.isfinite(out),
-                                                                                       np.isfinite(ref)):
-        return None
-    return f"max abs error {float(np.nanmax(err)):.3g} exceeds EXACT (rtol={_EXACT_RTOL:g}, atol={_EXACT_ATOL:g})"
+    return fidelity.bound_violation(reference, candidate, fidelity.EXACT_RTOL, fidelity.EXACT_ATOL, scaled=True,
+                                    bound="EXACT (equal up to float rounding)")

