@@ -17,32 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnxruntime
 
 ROOT = Path(__file__).resolve().parents[1]
 # The corpus helpers live with its tests; timing.py beside this script (bench/ is on sys.path).
 sys.path.insert(0, str(ROOT / "tests" / "corpus"))
+import corpus_compile
 import corpus_lib
 import corpus_run
 from timing import machine
 
-from graphopt import codegen
 
 RESULTS = ROOT / "bench" / "results"
 TARGET = "x86"
-# The library agrees with onnxruntime when every output is within this fraction of its largest
-# magnitude: kernels reassociate sums differently, by float32 rounding, or by about ten steps of
-# float16's 2^-10 where the model computes in float16.
-AGREE_ATOL = {np.dtype(np.float16): 1e-2}
-AGREE_ATOL_DEFAULT = 1e-3
-
-
 def bench_model(model: corpus_lib.Model, families: list[str], compile_: bool) -> dict:
     try:
         path = corpus_lib.fetch(model)
@@ -56,7 +44,7 @@ def bench_model(model: corpus_lib.Model, families: list[str], compile_: bool) ->
         print(f"  {model.id:26s} {family:17s} {outcome.status:8s} {outcome.seconds:6.1f}s  "
               f"{outcome.message[:150]}", flush=True)
     if compile_:
-        row["compile"] = compile_and_compare(path, feeds)
+        row["compile"] = corpus_compile.compile_and_compare(model, path, feeds, TARGET)
         print(f"  {model.id:26s} {'compile':17s} {row['compile']['status']:8s} "
               f"{row['compile']['seconds']:6.1f}s  {row['compile']['message'][:150]}", flush=True)
     return row
@@ -70,44 +58,6 @@ def _cell(outcome: corpus_run.Outcome) -> dict:
         cell["size_ratio"] = round(after["size_bytes"] / before["size_bytes"], 4)
         cell["macs_ratio"] = round(after["macs"] / before["macs"], 4) if before["macs"] else None
     return cell
-
-
-def compile_and_compare(path: Path, feeds: dict[str, np.ndarray]) -> dict:
-    """Compile the original model for x86 at one sample's shapes; run it and onnxruntime on that sample."""
-    sample = one_sample(path, feeds)
-    start = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory() as out:
-            built = codegen.compile(str(path), TARGET, out, shapes={k: v.shape for k, v in sample.items()})
-            got = codegen.load(built.library).run(sample)
-    except Exception as e:  # noqa: BLE001 - every failure is a cell of the table
-        return {"status": "failed", "message": f"{type(e).__name__}: {e}".splitlines()[0],
-                "seconds": round(time.perf_counter() - start, 1)}
-    seconds = round(time.perf_counter() - start, 1)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    expected = dict(zip(names, session.run(None, sample)))
-    errors = {k: _relative_error(expected[k], got[k]) for k in names if k in got}
-    agrees = len(errors) == len(names) and all(
-        errors[k] <= AGREE_ATOL.get(np.asarray(expected[k]).dtype, AGREE_ATOL_DEFAULT) for k in errors)
-    return {"status": "agrees" if agrees else "differs", "seconds": seconds, "max_relative_error": errors,
-            "message": "" if agrees else f"outputs {sorted(set(names) - set(got))} missing or off: {errors}"}
-
-
-def one_sample(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The first sample along each input's symbolic batch axis (libraries are static-shaped)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    symbolic = {i.name for i in graph.input
-                if i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")}
-    return {k: v[:1] if k in symbolic and v.ndim else v for k, v in feeds.items()}
-
-
-def _relative_error(expected: np.ndarray, got: np.ndarray) -> float:
-    expected, got = np.asarray(expected, np.float64), np.asarray(got, np.float64)
-    if expected.shape != got.shape:
-        return float("inf")
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-    return float(np.max(np.abs(expected - got))) / scale if expected.size else 0.0
 
 
 def markdown(rows: list[dict], families: list[str]) -> str:

@@ -32,6 +32,8 @@ def build_for_target(graph: gs.Graph, target: Target, out_dir: str | os.PathLike
     section = {"target": target.name, "tvm_target": target.tvm, "library": str(result.library),
                "manifest": str(result.manifest_path), "build_seconds": round(result.seconds, 3),
                "cuda_device_code": entry.get("cuda_device_code")}
+    if result.host:
+        section["host"] = list(result.host)
     reason = backends.of(target).cannot_run_here(target)
     if reason:
         section["not_run"] = reason

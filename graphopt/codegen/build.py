@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.codegen import backends, manifest, onnx_import
+from graphopt.codegen import backends, host_encoders, manifest, onnx_import
 from graphopt.codegen.targets import Target, fcompile, resolve, tvm_error_summary
 from graphopt.ir import io
 from graphopt.ir.errors import CodegenError
@@ -42,6 +42,7 @@ class BuildResult:
     manifest_path: Path
     manifest: dict
     seconds: float
+    host: tuple[str, ...] = ()  # what runs on the host around the library, one line each
 
 
 def compile(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Target | str,
@@ -58,9 +59,13 @@ def compile(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Targe
         raise CodegenError(f"library name '{name}' must be letters, digits, '_', '.' or '-'")
     target = resolve(target) if isinstance(target, str) else target
     proto, digest = _read(model)
-    check_supported(proto)
-    mod = to_relax(proto, shapes, target)
-    signature = {"inputs": _tensor_specs(proto_inputs(proto), mod["main"].params),
+    # String lookups at the inputs run on the host (host_encoders); the library takes their numbers.
+    hosted = host_encoders.split(proto)
+    check_supported(hosted.model)
+    mod = to_relax(hosted.model, hosted.library_shapes(shapes), target)
+    arguments = _tensor_specs(proto_inputs(hosted.model), mod["main"].params)
+    signature = {"inputs": hosted.user_inputs([i.name for i in proto_inputs(proto)], arguments),
+                 "host_encoders": [e.to_json() for e in hosted.encoders],
                  "outputs": _output_specs(proto, mod["main"].ret_ty)}
     tuned = None
     if database is not None:
@@ -72,7 +77,8 @@ def compile(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Targe
     entry = _entry(target, tuned, device_code, " ".join(linker.command), time.perf_counter() - start)
     model_info = {"name": name, "model_sha256": digest, **signature}
     written = manifest.record(library.parent, model_info, library.name, entry)
-    return BuildResult(library, library.parent / manifest.FILENAME, written, time.perf_counter() - start)
+    return BuildResult(library, library.parent / manifest.FILENAME, written, time.perf_counter() - start,
+                       tuple(e.describe() for e in hosted.encoders))
 
 
 def check_supported(model: onnx.ModelProto) -> None:
@@ -216,8 +222,10 @@ def _output_specs(model: onnx.ModelProto, ret) -> list[dict]:
 def _type_spec(ty) -> dict:
     from tvm import relax, tirx
 
-    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
+    if not isinstance(ty, relax.TensorType) or ty.ndim < 0:
         raise CodegenError(f"a model input or output has no known tensor shape after conversion ({ty})")
+    if not isinstance(ty.shape, relax.ShapeExpr):  # dims only the run knows (a Loop's scan outputs)
+        return {"shape": ["?"] * ty.ndim, "dtype": str(ty.dtype)}
     dims = [int(d) if isinstance(d, tirx.IntImm) else str(d) for d in ty.shape.values]
     return {"shape": dims, "dtype": str(ty.dtype)}
 

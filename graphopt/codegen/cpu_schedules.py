@@ -313,6 +313,10 @@ def schedule(func, simd: Simd):
         return None
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock(root.name_hint))
+    # TOPI's hand-written kernels (scatter, sort) are opaque blocks of loops that declare no regions,
+    # which every schedule here reads: they keep their own loops.
+    if not blocks or any(not sch.get(b).writes for b in blocks):
+        return None
     if not all(isinstance(it.dom.extent, tirx.IntImm) for b in blocks for it in sch.get(b).iter_vars):
         return None  # tile sizes are chosen for static shapes, which graphopt's libraries have
     tagged = {str(sch.get(b).annotations[KERNEL_TAG]): b for b in blocks

@@ -18,6 +18,14 @@ The kernel depends on the target, which reaches the converters as TVM's current 
   int32 Relax ops, `conv2d`/`matmul` with `out_dtype="int32"` on zero-point-centred int32
   operands (padding with 0 there is padding x with its zero point), then the requantization as
   one elementwise kernel. Correct everywhere, and only as fast as int32 arithmetic.
+
+MatMulInteger and ConvInteger also take zero points computed at run time (DynamicQuantizeLinear's,
+from onnxruntime's quantize_dynamic): a's per tensor or per row, b's per tensor or per column.
+With constant weights, the kernel computes the product of the raw data, and the zero point's
+share, a_zp * (column sums of the centred weights), a per-output constant times a run-time
+scalar, is subtracted after it, so the dot-product kernel still runs (a convolution only without
+padding, which would pad with 0 rather than the zero point). Otherwise both operands are centred
+by run-time subtractions before the int32 op: the same sums, with no faster kernel to keep.
 """
 from __future__ import annotations
 
@@ -48,11 +56,11 @@ def qlinear_conv(bb: relax.BlockBuilder, inputs: Sequence, attrs: dict[str, Any]
 
 
 def conv_integer(bb: relax.BlockBuilder, inputs: Sequence, attrs: dict[str, Any]) -> relax.Expr:
-    """ConvInteger(x, w, [x_zp], [w_zp]) -> int32."""
+    """ConvInteger(x, w, [x_zp], [w_zp]) -> int32; x_zp may be computed at run time."""
     w = _constant(inputs[1], "ConvInteger", "w")
     oc = w.shape[0]
-    return _conv(bb, inputs[0], _zero_point(inputs[2]), w, _zero_point(inputs[3], oc),
-                 np.zeros(oc, np.int64), attrs, None)
+    x_zp = _run_time_zero_point(inputs[2]) if _computed(inputs[2]) else _zero_point(inputs[2])
+    return _conv(bb, inputs[0], x_zp, w, _zero_point(inputs[3], oc), np.zeros(oc, np.int64), attrs, None)
 
 
 def qlinear_matmul(bb: relax.BlockBuilder, inputs: Sequence, attrs: dict[str, Any]) -> relax.Expr:
@@ -64,8 +72,17 @@ def qlinear_matmul(bb: relax.BlockBuilder, inputs: Sequence, attrs: dict[str, An
 
 
 def matmul_integer(bb: relax.BlockBuilder, inputs: Sequence, attrs: dict[str, Any]) -> relax.Expr:
-    """MatMulInteger(a, b, [a_zp], [b_zp]) -> int32."""
-    return _matmul(bb, inputs[0], _zero_point(inputs[2]), inputs[1], inputs[3], None)
+    """MatMulInteger(a, b, [a_zp], [b_zp]) -> int32; the zero points may be computed at run time."""
+    a, b, a_zp, b_zp = inputs[0], inputs[1], inputs[2], inputs[3]
+    if _computed(a_zp) or _computed(b_zp):
+        return _run_time_matmul(bb, a, a_zp, b, b_zp)
+    return _matmul(bb, a, _zero_point(a_zp), b, b_zp, None)
+
+
+def integer_matmul(bb: relax.BlockBuilder, a: relax.Expr, b: np.ndarray) -> relax.Expr:
+    """a @ b in int32, zero points left to the caller: a uint8 or int8 [..., K], b constant
+    integers [K, N]. The packed dot-product kernel where the target has one and b fits int8."""
+    return _constant_b_matmul(bb, a, 0, b.astype(np.int32), None)
 
 
 CONVERTERS: dict[str, Callable] = {"QLinearConv": qlinear_conv, "QLinearMatMul": qlinear_matmul,
@@ -73,8 +90,9 @@ CONVERTERS: dict[str, Callable] = {"QLinearConv": qlinear_conv, "QLinearMatMul":
 
 
 # -- convolution -------------------------------------------------------------------------------
-def _conv(bb, x, x_zp: int, w: np.ndarray, w_zp: np.ndarray, bias: np.ndarray, attrs: dict,
+def _conv(bb, x, x_zp, w: np.ndarray, w_zp: np.ndarray, bias: np.ndarray, attrs: dict,
           requant: tuple[np.ndarray, Requant] | None):
+    """x_zp: an int, or (ConvInteger) an int32 scalar computed at run time."""
     if w.ndim != 4:
         raise CodegenError(f"only 2-D integer convolutions are supported, not weights of shape {list(w.shape)}")
     n, c, h, width = _shape(x)
@@ -84,8 +102,12 @@ def _conv(bb, x, x_zp: int, w: np.ndarray, w_zp: np.ndarray, bias: np.ndarray, a
     shape = dataclasses.replace(shape, pads=_pads(attrs, shape))
     centred = w.astype(np.int32) - w_zp.reshape(-1, 1, 1, 1)
     inst = _instruction()
-    if inst is not None and int(attrs.get("group", 1)) == 1 and _fits_int8(centred):
+    packs = inst is not None and int(attrs.get("group", 1)) == 1 and _fits_int8(centred)
+    if packs and isinstance(x_zp, int):
         return _packed_conv(bb, x, x_zp, centred.astype(np.int8), bias, shape, inst, requant)
+    if packs and not any(shape.pads):
+        raw = bb.emit(_packed_conv(bb, x, 0, centred.astype(np.int8), bias, shape, inst, None))
+        return _minus_zero_point_share(raw, x_zp, centred.sum(axis=(1, 2, 3)).reshape(1, -1, 1, 1))
     return _generic_conv(bb, x, x_zp, centred, bias, shape, int(attrs.get("group", 1)), requant)
 
 
@@ -125,7 +147,7 @@ def _nhwc(bb, x):
     return bb.emit(relax.op.permute_dims(x, _NCHW_TO_NHWC))
 
 
-def _generic_conv(bb, x, x_zp: int, w: np.ndarray, bias: np.ndarray, shape: ConvShape, groups: int,
+def _generic_conv(bb, x, x_zp, w: np.ndarray, bias: np.ndarray, shape: ConvShape, groups: int,
                   requant: tuple[np.ndarray, Requant] | None):
     relax = _relax()
     top, left, bottom, right = shape.pads
@@ -152,30 +174,80 @@ def _pads(attrs: dict, shape: ConvShape) -> tuple[int, int, int, int]:
 # -- matmul ------------------------------------------------------------------------------------
 def _matmul(bb, a, a_zp: int, b, b_zp_input, requant: tuple[np.ndarray, Requant] | None):
     relax = _relax()
-    a_shape = _shape(a)
-    b_value = b.value.numpy() if _is_constant(b) else None
-    inst = _instruction()
-    if b_value is not None and b_value.ndim == 2 and len(a_shape) >= 2:
-        k, n = b_value.shape
-        centred = b_value.astype(np.int32) - _zero_point(b_zp_input, n).reshape(1, -1)
-        scale = None if requant is None else (_per_channel(requant[0], n), requant[1])
-        if inst is not None and _fits_int8(centred):
-            # A matmul is the 1x1 convolution of a 1 x M image with K channels.
-            rows = int(np.prod(a_shape[:-1]))
-            image = bb.emit(relax.op.reshape(a, [1, 1, rows, k]))
-            shape = ConvShape(1, 1, rows, k, n, 1, 1)
-            weights = np.ascontiguousarray(centred.T.astype(np.int8)[:, :, None, None])
-            out = _packed(bb, image, a_zp, weights, np.zeros(n, np.int64), shape, inst, scale)
-            return relax.op.reshape(out, [*a_shape[:-1], n])
-        b_expr = relax.const(centred)
-    else:
-        # Per tensor, or per column of b: [N] broadcasts along b's last axis.
-        b_zp = np.zeros(1, np.int32) if b_zp_input is None else _constant(b_zp_input, "MatMul", "b_zero_point")
-        b_zp = b_zp.astype(np.int32).reshape(-1)
-        b_expr = _centred(bb, b, b_zp if b_zp.size > 1 else int(b_zp[0]))
-        scale = None if requant is None else (np.asarray(requant[0], np.float32).reshape(-1), requant[1])
+    if _constant_weights(a, b):
+        b_value = b.value.numpy()
+        centred = b_value.astype(np.int32) - _zero_point(b_zp_input, b_value.shape[1]).reshape(1, -1)
+        return _constant_b_matmul(bb, a, a_zp, centred, requant)
+    # Per tensor, or per column of b: [N] broadcasts along b's last axis.
+    b_zp = np.zeros(1, np.int32) if b_zp_input is None else _constant(b_zp_input, "MatMul", "b_zero_point")
+    b_zp = b_zp.astype(np.int32).reshape(-1)
+    b_expr = _centred(bb, b, b_zp if b_zp.size > 1 else int(b_zp[0]))
+    scale = None if requant is None else (np.asarray(requant[0], np.float32).reshape(-1), requant[1])
     acc = bb.emit(relax.op.matmul(_centred(bb, a, a_zp), b_expr, out_dtype="int32"))
     return _finish(bb, acc, None, scale, axis=-1)
+
+
+def _constant_b_matmul(bb, a, a_zp: int, centred: np.ndarray, requant: tuple[np.ndarray, Requant] | None):
+    """(a - a_zp) @ centred, requantized when asked, for constant centred weights [K, N]."""
+    relax = _relax()
+    a_shape = _shape(a)
+    k, n = centred.shape
+    scale = None if requant is None else (_per_channel(requant[0], n), requant[1])
+    inst = _instruction()
+    if inst is not None and _fits_int8(centred):
+        # A matmul is the 1x1 convolution of a 1 x M image with K channels.
+        rows = int(np.prod(a_shape[:-1]))
+        image = bb.emit(relax.op.reshape(a, [1, 1, rows, k]))
+        shape = ConvShape(1, 1, rows, k, n, 1, 1)
+        weights = np.ascontiguousarray(centred.T.astype(np.int8)[:, :, None, None])
+        out = _packed(bb, image, a_zp, weights, np.zeros(n, np.int64), shape, inst, scale)
+        return relax.op.reshape(out, [*a_shape[:-1], n])
+    acc = bb.emit(relax.op.matmul(_centred(bb, a, a_zp), relax.const(centred), out_dtype="int32"))
+    return _finish(bb, acc, None, scale, axis=-1)
+
+
+def _run_time_matmul(bb, a, a_zp, b, b_zp):
+    """MatMulInteger with a zero point computed at run time."""
+    relax = _relax()
+    rows = _shape(a)[-2] if len(_shape(a)) >= 2 else 1
+    a_zp = _run_time_zero_point(a_zp, "row of a", rows) if _computed(a_zp) else _zero_point(a_zp)
+    if _constant_weights(a, b) and not _computed(b_zp):
+        b_value = b.value.numpy()
+        centred = b_value.astype(np.int32) - _zero_point(b_zp, b_value.shape[1]).reshape(1, -1)
+        raw = bb.emit(_constant_b_matmul(bb, a, 0 if _computed(a_zp) else a_zp, centred, None))
+        return _minus_zero_point_share(raw, a_zp, centred.sum(axis=0)) if _computed(a_zp) else raw
+    columns = _shape(b)[-1]
+    b_zp = _run_time_zero_point(b_zp, "column of b", columns) if _computed(b_zp) else _zero_point(b_zp, columns)
+    return relax.op.matmul(_centred(bb, a, a_zp), _centred(bb, b, b_zp), out_dtype="int32")
+
+
+# -- zero points computed at run time ----------------------------------------------------------
+def _computed(zero_point) -> bool:
+    return zero_point is not None and not _is_constant(zero_point)
+
+
+def _run_time_zero_point(zero_point, per: str | None = None, count: int = 1):
+    """A zero point computed at run time as int32, shaped to broadcast against the int32
+    product: a scalar, or `count` values, one `per` "row of a" ([M, 1]) or "column of b" ([N])."""
+    relax = _relax()
+    shape = _shape(zero_point)
+    wide = relax.op.astype(zero_point, "int32")
+    if int(np.prod(shape)) == 1:
+        return relax.op.reshape(wide, [])
+    if per is None or shape != [count]:
+        allowed = "a scalar" if per is None else f"a scalar or one value per {per} ({count})"
+        raise CodegenError(f"a zero point computed at run time has shape {shape}: it must be {allowed}")
+    return relax.op.reshape(wide, [count, 1]) if per.startswith("row") else wide
+
+
+def _minus_zero_point_share(raw, zero_point, weight_sums: np.ndarray):
+    """raw - zero_point * weight_sums: the product of the raw data corrected for the data's zero
+    point, sum((x - zp) * w) = sum(x * w) - zp * sum(w)."""
+    relax = _relax()
+    if np.abs(weight_sums).max(initial=0) * 255 >= 2**31:
+        raise CodegenError("an integer op's weight sums times its zero point do not fit int32")
+    sums = relax.const(weight_sums.astype(np.int32))
+    return relax.op.subtract(raw, relax.op.multiply(zero_point, sums))
 
 
 # -- shared pieces -----------------------------------------------------------------------------
@@ -205,10 +277,13 @@ def _finish(bb, acc, bias: np.ndarray | None, requant: tuple[np.ndarray, Requant
 
 
 def _centred(bb, x, zero_point):
-    """x - zero_point in int32 (zero_point an int or an array broadcast against x)."""
+    """x - zero_point in int32 (zero_point an int, an array, or an int32 expression computed at
+    run time, broadcast against x)."""
     relax = _relax()
     wide = relax.op.astype(x, "int32")
-    if np.any(zero_point):
+    if isinstance(zero_point, relax.Expr):
+        wide = relax.op.subtract(wide, zero_point)
+    elif np.any(zero_point):
         wide = relax.op.subtract(wide, relax.const(np.asarray(zero_point, np.int32)))
     return bb.emit(wide)
 
@@ -253,6 +328,11 @@ def _is_constant(expr) -> bool:
     import tvm
 
     return isinstance(expr, tvm.ir.GenericConst)
+
+
+def _constant_weights(a, b) -> bool:
+    """Whether b is a constant matrix, for an a of rank 2 or more: the kernels' case."""
+    return _is_constant(b) and b.value.numpy().ndim == 2 and len(_shape(a)) >= 2
 
 
 def _fits_int8(values: np.ndarray) -> bool:

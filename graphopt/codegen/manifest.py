@@ -4,6 +4,11 @@ One manifest describes one model (its SHA-256 and its inputs and outputs) and ev
 from it into the folder, keyed by file name, so `-o out --target x86` then `-o out --target arm`
 leaves both libraries described. A build of a different model (or the same model with other
 input shapes) starts a fresh manifest.
+
+"inputs" are the model's inputs as the loader takes them. "host_encoders" lists what runs on the
+host before the library (`host_encoders.Encoder.to_json`: the string lookups at the model's
+inputs, with their tables), empty when nothing does; the library then takes each encoder's
+output in its string input's place (`host_encoders.library_arguments`).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from graphopt.ir.errors import CodegenError
 FILENAME = "manifest.json"
 FORMAT = "graphopt-codegen/1"
 # Fields that identify the model; the libraries of a manifest all share them.
-MODEL_KEYS = ("format", "name", "model_sha256", "inputs", "outputs")
+MODEL_KEYS = ("format", "name", "model_sha256", "inputs", "host_encoders", "outputs")
 
 
 def record(out_dir: Path, model: dict, library: str, entry: dict) -> dict:

@@ -1,15 +1,23 @@
 """ONNX -> Relax: TVM's ONNX frontend, plus the operators graphopt converts itself.
 
-TVM 0.27's frontend has no QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger, LSTM, GRU or
-RNN, and knows nothing of graphopt's own ops (`graphopt.ir.ops`, e.g. the convolutions graphopt's
-winograd pass marks for TVM). `CONVERTERS` maps those op types to converters with the frontend's
-converter signature, `(bb, inputs, attrs) -> relax.Expr`, where `inputs` holds `relax.Constant`
-for initializers (weights are bound, not parameters). The importer is the frontend's own,
-subclassed only at its two op-dispatch points (and where it names the node it converts, for
-errors), so every other op converts exactly as TVM converts it. Before import, `shape_fold` makes
-the shape computations of the now static-shaped model constants, which TVM's converters need.
+TVM 0.27's frontend has no QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger, LSTM, GRU,
+RNN or com.microsoft's DynamicQuantizeLSTM (and a DynamicQuantizeLinear that differs from
+onnxruntime's on all-zero data), nor the ai.onnx.ml ops (Scaler, Normalizer, Binarizer,
+TreeEnsemble*), and knows nothing of graphopt's own ops (`graphopt.ir.ops`, e.g. the
+convolutions graphopt's winograd pass marks for TVM). `CONVERTERS` maps those op types to
+converters with the frontend's converter signature, `(bb, inputs, attrs) -> relax.Expr`, where
+`inputs` holds `relax.Constant` for initializers (weights are bound, not parameters). The
+importer is the frontend's own, subclassed only at its two op-dispatch points (and where it
+names the node it converts, for errors), so every other op converts exactly as TVM converts it.
+Before import, `shape_fold` makes the shape computations of the now static-shaped model
+constants, which TVM's converters need.
 graphopt's own ops convert only from their domain (`ops.DOMAIN`): an op of the same name from
 another domain is not graphopt's, and is left to TVM, which has no converter for it.
+Loop converts in graphopt.codegen.control_flow (`control_flow.OPS`), which needs the importer
+itself to convert the body graph, so it is dispatched before `CONVERTERS`.
+Shapes only the run knows (NonZero, a Range as long as an input's value) are kept expressible by
+`dynamic_shapes`' hooks around every other op, and `dataflow_split` keeps TVM's fusion from
+moving a kernel before the dimension it uses is known; static models pass through both unchanged.
 """
 from __future__ import annotations
 
@@ -20,16 +28,27 @@ from collections.abc import Callable, Mapping
 import onnx
 import onnx.inliner
 
-from graphopt.codegen import int8_import, recurrent, shape_fold, winograd
+from graphopt.codegen import (dynamic_quant, dynamic_quant_lstm, int8_import, ml_ops, recurrent, shape_fold,
+                              winograd)
+from graphopt.codegen import control_flow
+from graphopt.codegen import dataflow_split, dynamic_shapes, label_encoder, one_hot
 from graphopt.codegen.targets import tvm_error_summary
 from graphopt.ir import ops
 from graphopt.ir.errors import CodegenError
 
 # Each module adds `CONVERTERS: dict[str, Callable]`, imported here explicitly (no registration
 # by import side effect): graphopt.codegen.int8_import (QLinearConv, QLinearMatMul, ConvInteger,
-# MatMulInteger), graphopt.codegen.recurrent (LSTM, GRU, RNN) and graphopt.codegen.winograd
-# (graphopt's own ops, ops.DOMAIN).
-CONVERTERS: Mapping[str, Callable] = {**int8_import.CONVERTERS, **recurrent.CONVERTERS, **winograd.CONVERTERS}
+# MatMulInteger), graphopt.codegen.dynamic_quant (DynamicQuantizeLinear, replacing TVM's),
+# graphopt.codegen.dynamic_quant_lstm (com.microsoft DynamicQuantizeLSTM),
+# graphopt.codegen.recurrent (LSTM, GRU, RNN), graphopt.codegen.ml_ops (ai.onnx.ml
+# Scaler, Normalizer, Binarizer, TreeEnsembleClassifier, TreeEnsembleRegressor),
+# graphopt.codegen.dynamic_shapes (Reshape, Tile and ConstantOfShape by shapes computed at run
+# time, replacing TVM's), graphopt.codegen.one_hot (OneHot, replacing TVM's), graphopt.codegen.label_encoder
+# (ai.onnx.ml LabelEncoder on numbers; string lookups run on the host: host_encoders) and
+# graphopt.codegen.winograd (graphopt's own ops, ops.DOMAIN).
+CONVERTERS: Mapping[str, Callable] = {**int8_import.CONVERTERS, **recurrent.CONVERTERS, **winograd.CONVERTERS,
+                                     **ml_ops.CONVERTERS, **dynamic_quant.CONVERTERS, **dynamic_quant_lstm.CONVERTERS,
+                                     **dynamic_shapes.CONVERTERS, **one_hot.CONVERTERS, **label_encoder.CONVERTERS}
 _OWN_OPS = frozenset(winograd.CONVERTERS)
 
 
@@ -37,7 +56,7 @@ def known_ops() -> frozenset[str]:
     """Every op type this importer converts (graphopt's own ops only from their domain: `foreign`)."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    return frozenset(onnx_frontend._get_convert_map()) | frozenset(CONVERTERS)
+    return frozenset(onnx_frontend._get_convert_map()) | frozenset(CONVERTERS) | control_flow.OPS
 
 
 def foreign(node: onnx.NodeProto) -> bool:
@@ -53,6 +72,7 @@ def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
     from tvm.relax.frontend.onnx import onnx_frontend
 
     model = shape_fold.prepare(_inline_functions(model), shape_dict)
+    read_by = dynamic_shapes.readers(model.graph)
 
     class Importer(onnx_frontend.ONNXGraphImporter):
         current: onnx.NodeProto | None = None
@@ -61,7 +81,8 @@ def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
             # The frontend's check reads only the nodes: hand it the ones it converts, without
             # copying the graph's weights.
             theirs = onnx.GraphProto()
-            theirs.node.extend(n for n in graph.node if n.op_type not in CONVERTERS or foreign(n))
+            theirs.node.extend(n for n in graph.node if (n.op_type not in CONVERTERS or foreign(n))
+                               and n.op_type not in control_flow.OPS)
             super()._check_for_unsupported_ops(theirs)
 
         def _parse_value_proto(self, value_proto):
@@ -71,15 +92,22 @@ def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
             return super()._parse_value_proto(value_proto)
 
         def _convert_operator(self, op_name, inputs, attrs, opset):
+            if op_name in control_flow.OPS:
+                return control_flow.convert(self, op_name, inputs, attrs)
+            # Shapes only the run knows stay expressible around every op (dynamic_shapes).
+            inputs = dynamic_shapes.broadcast_operands(self.bb, op_name, inputs)
             if op_name not in CONVERTERS:
-                return super()._convert_operator(op_name, inputs, attrs, opset)
-            return self.bb.normalize(CONVERTERS[op_name](self.bb, inputs, attrs))
+                out = super()._convert_operator(op_name, inputs, attrs, opset)
+            else:
+                out = self.bb.normalize(CONVERTERS[op_name](self.bb, inputs, attrs))
+            outputs = self.current.output if self.current is not None else ()
+            return dynamic_shapes.settle(self.bb, out, {t for o in outputs for t in read_by.get(o, ())})
 
     importer = Importer(shape_dict, "float32", keep_params_in_input=False, sanitize=True)
     try:
         # The frontend prints its own note on stdout before re-raising; the error says it all.
         with contextlib.redirect_stdout(io.StringIO()):
-            return importer.from_onnx(model.graph, _opset(model))
+            return dataflow_split.separate(importer.from_onnx(model.graph, _opset(model)))
     except Exception as e:  # noqa: BLE001 - converters raise anything; the node is what matters
         _close_block(importer)
         if importer.current is None:
@@ -105,7 +133,8 @@ def node_error(node: onnx.NodeProto, error: BaseException) -> str:
     """One line naming `node`, saying why it did not convert and, where graphopt knows, what helps."""
     reason = str(error) if isinstance(error, CodegenError) else tvm_error_summary(error)
     where = f"node '{node.name or '(unnamed)'}' ({node.op_type})"
-    if any(p in reason for p in _RUN_TIME_SHAPE):
+    # graphopt's own converters say exactly what is wrong; the hint is for TVM's words.
+    if not isinstance(error, CodegenError) and any(p in reason for p in _RUN_TIME_SHAPE):
         return (f"cannot convert {where}: a shape it reads is computed at run time and could not be "
                 f"folded to a constant; graphopt folds shape computations once every input has a static "
                 f"shape (give them with --input-shape NAME=D0,D1,...), but not a shape computed from "

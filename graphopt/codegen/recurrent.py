@@ -20,6 +20,7 @@ the reverse direction thereby starts at the entry's last valid step.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,14 +38,20 @@ _DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", 
 _DIRECTIONS = {"forward": (False,), "reverse": (True,), "bidirectional": (False, True)}
 
 
-def lstm(bb: relax.BlockBuilder, inputs: Sequence, attrs: dict[str, Any]) -> relax.Expr:
-    """LSTM(X, W, R, [B], [sequence_lens], [initial_h], [initial_c], [P]) -> (Y, Y_h, Y_c)."""
+def lstm(bb: relax.BlockBuilder, inputs: Sequence, attrs: dict[str, Any],
+         products: Callable[[Setup, int], tuple[Any, Callable]] | None = None) -> relax.Expr:
+    """LSTM(X, W, R, [B], [sequence_lens], [initial_h], [initial_c], [P]) -> (Y, Y_h, Y_c).
+
+    `products(s, d)`, when given, replaces direction d's float products by W and R: it returns
+    the input projection with the biases added, [seq, batch, 4 * hidden], and a function from
+    the hidden state [1, batch, hidden] to its recurrent product (DynamicQuantizeLSTM's integer
+    products, `dynamic_quant_lstm`)."""
     s = _setup(bb, inputs, attrs, "LSTM")
     coupled = bool(int(attrs.get("input_forget", 0)))
+    products = products or functools.partial(_float_products, bb, inputs)
 
     def direction(d: int):
-        xw, _ = _projection(bb, s, inputs, d, gru_before_reset=False)
-        rt = _transposed(bb, inputs[2], d)
+        xw, recurrent_product = products(s, d)
         f, g, h = s.activations[d]
         peep = None if inputs[7] is None else _vector(bb, inputs[7], d, 0, 3 * s.hidden)
 
@@ -62,7 +69,7 @@ def lstm(bb: relax.BlockBuilder, inputs: Sequence, attrs: dict[str, Any]) -> rel
             return f(at.clip(pre(1, c))) * h(c), c
 
         def one_step(t: int, state: tuple):
-            hr = bb.emit(_relax().op.matmul(state[0], rt))
+            hr = recurrent_product(state[0])
             tensors = {"xw": xw, "hr": hr, "h": state[0], "c": state[1], "P": peep}
             return cell.step(bb, s, "lstm_cell", t, tensors, math, ("h", "c"))
 
@@ -181,6 +188,13 @@ def _unroll(s: Setup, reverse: bool, state: tuple, one_step: Callable) -> tuple[
 
 
 # -- weights -----------------------------------------------------------------------------------
+def _float_products(bb, inputs: Sequence, s: Setup, d: int) -> tuple[Any, Callable]:
+    """LSTM's products of direction d: X W[d]^T plus the biases, and h -> h R[d]^T."""
+    xw, _ = _projection(bb, s, inputs, d, gru_before_reset=False)
+    rt = _transposed(bb, inputs[2], d)
+    return xw, lambda h: bb.emit(_relax().op.matmul(h, rt))
+
+
 def _projection(bb, s: Setup, inputs: Sequence, d: int, gru_before_reset: bool):
     """X W[d]^T plus the biases, [seq, batch, gates * hidden]; and the recurrent bias of GRU's
     candidate gate when `gru_before_reset` (linear_before_reset: it is added inside the reset

@@ -4,18 +4,24 @@
     logits = lib(x)                      # one output: an array; several: a dict name -> array
     outputs = lib.run({"x": x})          # always a dict
     ms = lib.benchmark({"x": x})         # median latency in milliseconds
+
+Inputs are the model's own: where the manifest lists host encoders (string lookups at the model's
+inputs, `host_encoders`), `run` feeds the strings through them on the host and hands the library
+their numbers; `benchmark` times the library alone.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from graphopt.codegen import backends, manifest
+from graphopt.codegen import backends, host_encoders, manifest
 from graphopt.codegen.targets import host_arch, tvm_error_summary
 from graphopt.ir.errors import CodegenError, DataError
 
@@ -37,10 +43,12 @@ class CompiledModel:
         self.library, self.entry = library, entry
         self.inputs: list[dict] = model["inputs"]
         self.outputs: list[dict] = model["outputs"]
+        self.host_encoders = [host_encoders.Encoder.from_json(e) for e in model.get("host_encoders", [])]
+        self._arguments = host_encoders.library_arguments(self.inputs, self.host_encoders)
         backend = _backend(entry["device"], library)
         self.device = backend.runtime_device(library)
         try:
-            module = tvm.runtime.load_module(str(library))
+            module = tvm.runtime.load_module(str(_loadable(library)))
             self._main = relax.VirtualMachine(module, self.device)["main"]
         except Exception as e:  # noqa: BLE001 - TVM raises many unrelated types
             raise CodegenError(f"{library}: TVM cannot load the library: {tvm_error_summary(e)}"
@@ -96,7 +104,9 @@ class CompiledModel:
         if missing or unknown:
             raise DataError(f"inputs do not match the model: missing {missing or 'none'}, unknown "
                             f"{unknown or 'none'} (inputs: {', '.join(self.input_names)})")
-        return [tvm.runtime.tensor(_checked(spec, feeds[spec["name"]]), self.device) for spec in self.inputs]
+        checked = {spec["name"]: _checked(spec, feeds[spec["name"]]) for spec in self.inputs}
+        values = host_encoders.encode(self.host_encoders, checked)
+        return [tvm.runtime.tensor(_contiguous(values[a["name"]]), self.device) for a in self._arguments]
 
     def __repr__(self) -> str:
         return f"CompiledModel({str(self.library)!r}, target={self.entry['target']!r})"
@@ -108,6 +118,23 @@ def load(path: str | os.PathLike) -> CompiledModel:
     model, entry = manifest.describe(library)
     _check_architecture(library)
     return CompiledModel(library, model, entry)
+
+
+# Libraries this process has loaded: path -> (inode, mtime) of the file then.
+_LOADED: dict[Path, tuple[int, int]] = {}
+
+
+def _loadable(library: Path) -> Path:
+    """A path the dynamic loader will really load: it hands back the library it already loaded
+    for a path, even if the file was rebuilt since, so a rebuilt library is loaded from a copy."""
+    key, stat = library.resolve(), library.stat()
+    now = (stat.st_ino, stat.st_mtime_ns)
+    seen = _LOADED.setdefault(key, now)
+    if seen == now:
+        return library
+    copy = Path(tempfile.mkdtemp(prefix="graphopt-lib-")) / library.name
+    shutil.copy2(library, copy)
+    return copy
 
 
 def _library(path: Path) -> Path:
@@ -142,11 +169,17 @@ def _backend(kind: str, library: Path) -> backends.Backend:
 
 
 def _checked(spec: dict, value) -> np.ndarray:
-    array = np.asarray(value)
-    if str(array.dtype) != spec["dtype"]:
+    strings = spec["dtype"] == host_encoders.STRING
+    array = host_encoders.check_strings(spec["name"], value) if strings else np.asarray(value)
+    if not strings and str(array.dtype) != spec["dtype"]:
         raise DataError(f"input '{spec['name']}' is {array.dtype}, the model takes {spec['dtype']} "
                         f"(convert with .astype(np.{spec['dtype']}))")
     if list(array.shape) != spec["shape"]:
         raise DataError(f"input '{spec['name']}' has shape {list(array.shape)}; the library was built "
                         f"for {spec['shape']} (rebuild with other `shapes` to change it)")
-    return np.ascontiguousarray(array)
+    return array
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    # Not np.ascontiguousarray alone: it makes a 0-d array (a scalar input) 1-d.
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)

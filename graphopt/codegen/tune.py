@@ -36,7 +36,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.codegen import backends, build, cpu_schedules, tune_db
+from graphopt.codegen import backends, build, cpu_schedules, host_encoders, tune_db
 from graphopt.codegen.targets import Target, host_arch, resolve, tvm_error_summary
 from graphopt.ir import io
 from graphopt.ir.errors import CodegenError
@@ -138,8 +138,10 @@ def _extract_tasks(proto: onnx.ModelProto, shapes, target: Target, tuning_target
     a database, so that the workload keys are the ones it looks up."""
     from tvm.s_tir import meta_schedule as ms
 
-    build.check_supported(proto)
-    lowered = build.lower_for_tuning(build.to_relax(proto, shapes, target), target)
+    # The library compile builds takes string lookups' numbers: tune that same library.
+    hosted = host_encoders.split(proto)
+    build.check_supported(hosted.model)
+    lowered = build.lower_for_tuning(build.to_relax(hosted.model, hosted.library_shapes(shapes), target), target)
     return list(ms.relax_integration.extract_tasks(lowered, tuning_target))
 
 

@@ -96,3 +96,15 @@ def test_cuda_matches_onnxruntime(tmp_path):
     reference = ort.run(str(MODELS / "digits_cnn.onnx"), {"x": digits["x"]})["logits"]
     assert np.abs(logits - reference).max() < 1e-3
     assert (logits.argmax(1) == reference.argmax(1)).all()
+
+
+def test_a_library_rebuilt_at_the_same_path_is_loaded_anew(tmp_path):
+    """The dynamic loader returns the library it already loaded for a path; graphopt loads a
+    rebuilt one from a copy, so its numbers are the new model's."""
+    x = rng_array((1, 4), 2)
+    for weights_seed in (1, 7):
+        onnx_model = model([node("MatMul", ["x", "w"], ["y"])], {"x": (1, 4)}, {"y": None},
+                           {"w": rng_array((4, 3), weights_seed)})
+        built = codegen.compile(onnx_model, "x86-64", tmp_path, name="same")
+        got = codegen.load(built.library)(x)
+        np.testing.assert_allclose(got, ort.run(onnx_model, {"x": x})["y"], rtol=1e-5, atol=1e-6)

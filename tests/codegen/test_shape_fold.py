@@ -113,14 +113,16 @@ def test_prepare_removes_identities_but_keeps_graph_outputs_and_renames_inside_s
 
 
 def test_a_shape_from_tensor_values_names_the_node_and_what_helps():
-    graph = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"], name="Reshape@18")], "g",
+    # (A Reshape by a shape read from an input converts: graphopt.codegen.dynamic_shapes.)
+    graph = helper.make_graph([helper.make_node("TopK", ["x", "k"], ["y", "i"], name="TopK@18")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6]),
-                               helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])])
+                               helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]),
+                               helper.make_tensor_value_info("i", TensorProto.INT64, [2, 3])])
     with pytest.raises(CodegenError) as error:
         build.to_relax(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     message = str(error.value)
-    assert message.startswith("cannot convert node 'Reshape@18' (Reshape): a shape it reads is computed at run time")
+    assert message.startswith("cannot convert node 'TopK@18' (TopK): a shape it reads is computed at run time")
     assert "--input-shape" in message and "\n" not in message and "Traceback" not in message
 
 

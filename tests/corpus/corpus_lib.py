@@ -89,6 +89,10 @@ class Model:
     version: str = ""
     sha256: str = ""
     slow: bool = False   # too slow for the default suite on 2 cores: tests marked slow
+    # How far a compiled library's outputs may be from onnxruntime's, as a fraction of the largest
+    # output magnitude (0: the default of bench/corpus.py); set with its reason in the manifest.
+    compile_atol: float = 0.0
+    compile_atol_why: str = ""
 
     @property
     def path(self) -> Path:

@@ -83,3 +83,14 @@ def test_model_data_survives(model, family, corpus_path, tmp_path):
     problems = corpus_run.survival_problems(onnx.load(str(path), load_external_data=False),
                                             onnx.load(str(saved), load_external_data=False))
     assert not problems, f"{model.id} / {family}: " + "; ".join(problems)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [pytest.param(m, id=m.id) for m in MODELS])
+def test_compiled_library_agrees_with_onnxruntime(model, corpus_path):
+    """`graphopt compile` builds every corpus model for x86 and the library agrees with onnxruntime
+    on the corpus sample (corpus_compile's tolerance, or the model's own with its reason)."""
+    import corpus_compile
+
+    cell = corpus_compile.compile_and_compare(model, corpus_path(model), corpus_lib.samples(model))
+    assert cell["status"] == "agrees", f"{model.id}: {cell['status']}: {cell['message']}"
