@@ -10,24 +10,27 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import fidelity, io, ort
-from graphopt.ir.data import Batching, InputSpec, check_feeds, input_specs, is_static, load_feeds, random_feeds
+from graphopt.ir.data import (Batching, InputSpec, Split, check_feeds, hold_aside, input_specs, is_static, load_data,
+                              random_feeds)
 from graphopt.ir.errors import DataError, GraphoptError
 from graphopt.ir.graph import infer_shapes
 from graphopt.ir.shapes import Shapes, check_input_shapes, specialize_in_place
 from graphopt.passes.base import Pass, PassContext
+from graphopt.passes.gate import Gate
 from graphopt.passes.manager import FidelityInstrument, Instrument, PassManager
 from graphopt.passes.pipeline import Pipeline
 from graphopt.report import summarize
 
-# Fidelity is measured on at most this many samples of the given data, to bound the time it takes.
-FIDELITY_SAMPLES = 256
+# At most this many samples of the given data are read: half calibrate, half are held aside for
+# fidelity, accuracy and the gate (bounding the time they take).
+DATA_SAMPLES = 1024
 
 
 @dataclass
 class Optimized:
     graph: gs.Graph
     report: dict
-    feeds: dict[str, np.ndarray]      # the inputs fidelity was measured on
+    feeds: dict[str, np.ndarray]      # the inputs fidelity was measured on (held aside from calibration)
     reference: dict[str, np.ndarray]  # the original model's outputs on them
 
 
@@ -35,7 +38,8 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
              data: str | os.PathLike | dict[str, np.ndarray] | None = None, verify: bool = True,
              instruments: tuple[Instrument, ...] = (), seed: int = 0, latency: bool = True,
              target_timer: Callable[[onnx.ModelProto, dict[str, np.ndarray]], float] | None = None,
-             input_shapes: Shapes | None = None, static: bool = False, opset: int | None = None) -> Optimized:
+             input_shapes: Shapes | None = None, static: bool = False, opset: int | None = None,
+             max_drop: float | None = None, min_cosine: float | None = None) -> Optimized:
     """Run `passes` on `model` (a path or a graph, which is not modified) and report sizes, MACs,
     per-pass stats, fidelity against the original in onnxruntime and, when asked, onnxruntime
     latency before and after (one sample, median of 20 runs). `target_timer` times a model on the
@@ -45,17 +49,24 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
     else from `data` (one sample of it); random inputs get `input_shapes` too. The result keeps
     the model's symbolic dims unless `static`: then the passes see the concrete dims (all but a
     symbolic batch, so data of any size still runs) and the result has `input_shapes` (or the
-    data's shapes past the batch) written in. `opset` upgrades the model to that opset first."""
+    data's shapes past the batch) written in. `opset` upgrades the model to that opset first.
+
+    Data (`data`, with labels `y` when it has them) is split: passes calibrate on one half, and
+    fidelity, top-1 accuracy and the gate are measured on the other (graphopt.passes.gate): a pass
+    that drops top-1 by more than `max_drop` points, leaves an output below `min_cosine`, or (with
+    neither given) misses its own LOSSY bound raises GateError."""
     where = str(model) if isinstance(model, (str, os.PathLike)) else ""
     graph = io.load(model) if where else model.copy()
     pipeline = Pipeline.parse(passes) if isinstance(passes, str) else Pipeline(passes)
     specs = input_specs(graph)
     check_input_shapes(graph, input_shapes or {}, where)
-    feeds = _feeds(specs, data, seed, input_shapes, where)
+    split = _data(specs, data, seed, input_shapes, where)
+    feeds = split.held
     shapes = _analysis_shapes(specs, feeds, data is not None, input_shapes or {})
     during, written = _static_shapes(specs, feeds, shapes, input_shapes or {}, where) if static else ({}, {})
     # Measured before the passes run, so no copy of the original weights is kept.
     reference = _reference(graph, feeds, data is not None, where)
+    gate = Gate(reference, split.labels, max_drop, min_cosine, split.held_samples)
     before = summarize(infer_shapes(graph), shapes=shapes)
     if opset is not None:
         graph = _upgrade(graph, opset, feeds)
@@ -63,11 +74,13 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
         specialize_in_place(graph, during)
     sample = one_sample(graph, feeds)
     latency_before = ort.latency_ms(graph, sample) if latency else None
-    checks = (FidelityInstrument(reference, feeds),) if verify else ()
+    checks = (FidelityInstrument(reference, feeds, gate, enforce=verify),) if verify or gate.user_set else ()
     records = PassManager(pipeline, verify=verify, instruments=checks + tuple(instruments)).run(
-        graph, PassContext(feeds=feeds, seed=seed, verify=verify, latency=target_timer))
+        graph, PassContext(feeds=split.calibration, from_data=data is not None, seed=seed, verify=verify,
+                           latency=target_timer))
     after = summarize(infer_shapes(graph), shapes=shapes)
-    measured = fidelity.compare(reference, ort.run(graph, feeds))
+    final = ort.run(graph, feeds)
+    measured = fidelity.compare(reference, final)
     latency_after = ort.latency_ms(graph, sample) if latency else None
     if static:
         specialize_in_place(graph, written)
@@ -78,7 +91,13 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
         "after": after,
         "fidelity": {"inputs": "data" if data is not None else f"random (seed {seed})",
                      "outputs": {k: v.as_dict() for k, v in measured.items()}},
+        "data": _data_section(split, data is not None),
     }
+    accuracy = _accuracy_section(gate, reference, final)
+    if accuracy:
+        report["accuracy"] = accuracy
+    if gate.user_set:
+        report["gate"] = {k: v for k, v in (("max_drop", max_drop), ("min_cosine", min_cosine)) if v is not None}
     notes = list(getattr(getattr(graph, "props", None), "notes", ()))
     if notes:  # what loading changed deliberately (an IR version raised)
         report["notes"] = notes
@@ -97,12 +116,38 @@ def one_sample(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.nd
     return Batching.of(input_specs(graph), feeds).first(feeds, 1)
 
 
-def _feeds(specs: list[InputSpec], data, seed: int, input_shapes: Shapes | None, where: str) -> dict[str, np.ndarray]:
+def _data(specs: list[InputSpec], data, seed: int, input_shapes: Shapes | None, where: str) -> Split:
+    """The calibration and held-aside parts of `data` (an npz/folder path, or {input: array} with
+    an optional "y" of labels); random inputs serve as both."""
     if data is None:
-        return random_feeds(specs, seed, shapes=input_shapes)
+        feeds = random_feeds(specs, seed, shapes=input_shapes)
+        samples = Batching.of(specs, feeds).samples
+        return Split(feeds, feeds, None, samples, samples, shared=True)
     if isinstance(data, dict):
-        return check_feeds(data, specs, f"{where}: data" if where else "data")
-    return load_feeds(data, specs, limit=FIDELITY_SAMPLES)
+        labels = data.get("y") if not any(s.name == "y" for s in specs) else None
+        feeds = check_feeds({k: v for k, v in data.items() if k != "y" or labels is None}, specs,
+                            f"{where}: data" if where else "data")
+    else:
+        feeds, labels = load_data(data, specs, limit=DATA_SAMPLES)
+    return hold_aside(feeds, specs, None if labels is None else np.asarray(labels), seed)
+
+
+def _data_section(split: Split, from_data: bool) -> dict:
+    if not from_data:
+        return {"source": "random", "calibration": "the same random inputs as fidelity"}
+    if split.shared:
+        return {"source": "data", "samples": split.held_samples,
+                "held_aside": "none: too few samples to split; passes calibrated on the samples measured"}
+    return {"source": "data", "calibration_samples": split.calibration_samples, "held_aside_samples": split.held_samples,
+            "labels": split.labels is not None}
+
+
+def _accuracy_section(gate: Gate, reference: dict[str, np.ndarray], final: dict[str, np.ndarray]) -> dict | None:
+    before, after = gate.top1(reference), gate.top1(final)
+    if before is None or after is None:
+        return None
+    return {"metric": gate.metric(), "before": round(before, 4), "after": round(after, 4),
+            "samples": gate.samples}
 
 
 def _analysis_shapes(specs: list[InputSpec], feeds: dict[str, np.ndarray], from_data: bool,

@@ -34,6 +34,16 @@ def _input_shape_option(p: argparse.ArgumentParser) -> None:
                         "shapes serve the same way when this is not given")
 
 
+def _points(text: str) -> float:
+    try:
+        value = float(text.rstrip().removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of percentage points like 1%% or 0.5") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}': the most a pass may cost cannot be negative")
+    return value
+
+
 def _duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600}
     scale = units.get(text[-1:].lower(), 1)
@@ -60,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--pipeline", metavar="FILE", help="pipeline as a YAML or TOML file")
     p.add_argument("--data", metavar="FILE", help="inputs as .npz (by input name, or x) or a folder of .npy")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs when no --data is given")
+    gate = p.add_argument_group("quality gate (measured after every pass on the half of --data held aside "
+                                "from calibration; exit 4 and nothing written when crossed)")
+    gate.add_argument("--max-drop", type=_points, metavar="P%",
+                      help="most top-1 accuracy a pass may cost, in percentage points (1%%, 0.5): against labels "
+                           "y in --data, else agreement with the original's predictions")
+    gate.add_argument("--min-cosine", type=float, metavar="C",
+                      help="lowest cosine similarity to the original any output may reach. Either option replaces "
+                           "the passes' own LOSSY bounds, which hold otherwise")
     p.add_argument("--no-verify", action="store_true", help="skip checker, invariants and fidelity checks between passes")
     p.add_argument("--explain", action="store_true", help="print why each refused rewrite was refused")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")

@@ -55,7 +55,8 @@ def _job(args, pipeline: Pipeline, write_model: bool) -> int:
         result = optimize(args.model, pipeline, data=args.data, verify=not args.no_verify,
                           instruments=(progress,) if progress else (), seed=args.seed,
                           target_timer=_timer(target, pipeline), input_shapes=shapes or None,
-                          static=getattr(args, "static", False), opset=getattr(args, "opset", None))
+                          static=getattr(args, "static", False), opset=getattr(args, "opset", None),
+                          max_drop=getattr(args, "max_drop", None), min_cosine=getattr(args, "min_cosine", None))
     finally:
         if progress:
             progress.end_line()
@@ -149,6 +150,8 @@ def print_report(report: dict, out_dir: Path) -> None:
     for note in report.get("notes", []):
         print(f"note: {note}")
     for record in report["passes"]:
+        if record["stats"].get("warning"):
+            print(f"warning: {record['name']}: {record['stats']['warning']}")
         if "opset" in record["stats"]:
             print(f"{record['name']}: upgraded the model's opset {record['stats']['opset']} first (verified EXACT)")
         for layer, choice in choices(record).items():
@@ -160,9 +163,14 @@ def print_report(report: dict, out_dir: Path) -> None:
         print("no pass changed the model")
     for name, f in report["fidelity"]["outputs"].items():
         print(f"fidelity {name}: {_metrics(f)}")
+    acc = report.get("accuracy")
+    if acc:
+        print(f"{acc['metric']}: {acc['before']:.2f}% -> {acc['after']:.2f}% on {acc['samples']} held-aside samples")
     cg = report.get("codegen")
     if cg:
         print(f"library {cg['library']} ({cg['target']}, built in {cg['build_seconds']:.1f}s)")
+        for line in cg.get("host", []):
+            print(f"on the host: {line}")
         for name, f in cg.get("fidelity", {}).items():
             print(f"library fidelity {name}: {_metrics(f)}; latency {cg['latency_ms']:.4f} ms")
         if "not_run" in cg:

@@ -81,6 +81,13 @@ def load_feeds(path: str | os.PathLike, specs: list[InputSpec], limit: int | Non
     """Feeds from `path`: an .npz keyed by input name (or `x` for a single input), a folder of
     `<input name>.npy` files, or one .npy file (read as `x`), checked by `check_feeds`. `limit`
     keeps the first samples of the inputs that carry samples."""
+    return load_data(path, specs, limit)[0]
+
+
+def load_data(path: str | os.PathLike, specs: list[InputSpec], limit: int | None = None
+              ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """`load_feeds`, and the labels: an array `y` (that is no model input) with one entry per
+    sample, or None."""
     path = Path(path)
     arrays = _read_arrays(path)
     named = {}
@@ -90,7 +97,50 @@ def load_feeds(path: str | os.PathLike, specs: list[InputSpec], limit: int | Non
             raise DataError(f"{path}: no array for model input '{s.name}' (has: {', '.join(sorted(arrays))})")
         named[s.name] = np.asarray(arrays[key])
     feeds = check_feeds(named, specs, str(path))
-    return Batching.of(specs, feeds).first(feeds, limit) if limit else feeds
+    batching = Batching.of(specs, feeds)
+    labels = None if "y" in named or "y" not in arrays else np.asarray(arrays["y"])
+    if labels is not None and len(labels) != batching.samples:
+        raise DataError(f"{path}: {len(labels)} labels in y for {batching.samples} samples of the inputs")
+    if limit:
+        feeds = batching.first(feeds, limit)
+        kept = [len(v) for k, v in feeds.items() if k in batching.batched]
+        labels = labels[:kept[0]] if labels is not None and kept else labels
+    return feeds, labels
+
+
+# Fewer samples than this are not split: calibration and the held-aside measurement share them.
+MIN_SPLIT = 8
+
+
+@dataclass(frozen=True)
+class Split:
+    """Data divided into the part passes calibrate on and the held-aside part the gate, fidelity
+    and accuracy are measured on (never judge a pass on the samples it learned from)."""
+    calibration: dict[str, np.ndarray]
+    held: dict[str, np.ndarray]
+    labels: np.ndarray | None   # of the held-aside samples
+    held_samples: int
+    calibration_samples: int
+    shared: bool                # too few samples to split: both parts are all of them
+
+
+def hold_aside(feeds: dict[str, np.ndarray], specs: list[InputSpec], labels: np.ndarray | None,
+               seed: int = 0) -> Split:
+    """Half the samples (whole runs, chosen at random with `seed`) held aside, the rest for calibration."""
+    b = Batching.of(specs, feeds)
+    unit = b.run or 1
+    units = b.samples // unit
+    if not b.batched or units < MIN_SPLIT // unit or units < 2:
+        return Split(feeds, feeds, labels, b.samples, b.samples, shared=True)
+    order = np.random.default_rng(seed).permutation(units)
+    held_units, calib_units = np.sort(order[:units // 2]), np.sort(order[units // 2:])
+
+    def take(chosen: np.ndarray) -> np.ndarray:
+        return (chosen[:, None] * unit + np.arange(unit)).ravel()
+
+    held, calib = take(held_units), take(calib_units)
+    pick = lambda idx: {k: v[idx] if k in b.batched else v for k, v in feeds.items()}  # noqa: E731
+    return Split(pick(calib), pick(held), None if labels is None else labels[held], len(held), len(calib), shared=False)
 
 
 def check_feeds(feeds: dict[str, np.ndarray], specs: list[InputSpec], source: str = "data"

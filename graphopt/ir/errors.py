@@ -35,6 +35,13 @@ class VerificationError(GraphoptError):
     """A pass broke an invariant or its declared numeric semantics."""
 
 
+class GateError(GraphoptError):
+    """A pass crossed the quality gate (--max-drop, --min-cosine, or its own LOSSY bound): the
+    pipeline stops and nothing is written."""
+
+    exit_code = 4
+
+
 class CodegenError(GraphoptError):
     """A model, target or toolchain that TVM code generation cannot handle, or a library it cannot load."""
 

@@ -118,6 +118,9 @@ class PassResult:
 class PassContext:
     """What a pass may need beyond the graph: data, a seed, verification and progress hooks."""
     feeds: dict[str, np.ndarray] | None = None
+    # Whether `feeds` are the user's calibration data (--data) rather than random inputs: data-aware
+    # methods are the default only on real data.
+    from_data: bool = False
     seed: int = 0
     verify: bool = True
     progress: Callable[[str, int, int], None] | None = None

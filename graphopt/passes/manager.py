@@ -2,7 +2,8 @@
 
 Instruments see each pass before and after it runs. `VerifyInstrument` checks onnx.checker,
 the named invariants and the graph's interface; `FidelityInstrument` runs the model in
-onnxruntime and holds EXACT and TOLERANCE passes to their declared bounds. An exception that is
+onnxruntime, holds every pass to its declared semantics and applies the quality gate
+(graphopt.passes.gate). An exception that is
 not a GraphoptError escaping a pass is a bug: it is wrapped in a `PassError` naming the pass and
 the passes before it.
 """
@@ -15,10 +16,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import fidelity, ort, verify
-from graphopt.ir.errors import GraphoptError, ModelError, PassError, VerificationError
+from graphopt.ir.errors import GateError, GraphoptError, ModelError, PassError, VerificationError
 from graphopt.ir.graph import opset
 from graphopt.ir.opset import upgrade_in_place
 from graphopt.passes.base import Pass, PassContext, PassResult, Refusal
+from graphopt.passes.gate import Gate, lossy_violation
 
 
 @dataclass
@@ -31,6 +33,7 @@ class PassRecord:
     skipped: list[Refusal] = field(default_factory=list)
     decisions: dict[str, dict] = field(default_factory=dict)
     fidelity: dict | None = None
+    top1: float | None = None  # percent, on the held-aside samples (Gate.top1)
 
     @classmethod
     def of(cls, name: str, result: PassResult, seconds: float) -> "PassRecord":
@@ -69,13 +72,17 @@ class VerifyInstrument(Instrument):
 
 
 class FidelityInstrument(Instrument):
-    """Records each pass's fidelity against the original model's outputs on `feeds` in onnxruntime,
-    and holds EXACT and TOLERANCE passes to their bounds against the model they were given."""
+    """Records each pass's fidelity against the original model's outputs on `feeds` in onnxruntime;
+    when `enforce`, holds EXACT and TOLERANCE passes to their bounds and LOSSY passes to theirs
+    (unless the `gate` is the user's), all against the model they were given; then the gate."""
 
-    def __init__(self, reference: dict[str, np.ndarray], feeds: dict[str, np.ndarray]):
+    def __init__(self, reference: dict[str, np.ndarray], feeds: dict[str, np.ndarray],
+                 gate: Gate | None = None, enforce: bool = True):
         self.reference, self.feeds = reference, feeds
-        # Each EXACT or TOLERANCE pass is held to its bound against the model it was given, not
-        # the original: after quantize (LOSSY), lower-int8 is measured against the QDQ model.
+        self.gate = gate or Gate(reference)
+        self.enforce = enforce
+        # Each pass is held to its bound against the model it was given, not the original: after
+        # quantize (LOSSY), lower-int8 is measured against the QDQ model.
         self.given = reference
 
     def after_pass(self, pass_, graph, record):
@@ -83,11 +90,25 @@ class FidelityInstrument(Instrument):
             return
         outputs = ort.run(graph, self.feeds)
         record.fidelity = {k: v.as_dict() for k, v in fidelity.compare(self.reference, outputs).items()}
+        accuracy = self.gate.top1(outputs)
+        if accuracy is not None:
+            record.top1 = round(accuracy, 4)
+        if self.enforce:
+            self._hold_to_semantics(pass_, outputs)
+        self.gate.check(pass_.name, outputs)
+        self.given = outputs
+
+    def _hold_to_semantics(self, pass_, outputs):
+        semantics = pass_.info.semantics
+        if semantics.kind == "lossy":
+            why = None if self.gate.user_set else lossy_violation(semantics.bound, self.given, outputs)
+            if why:
+                raise GateError(f"pass '{pass_.name}': {why}; nothing written")
+            return
         for name, ref in self.given.items():
-            why = pass_.info.semantics.violation(ref, outputs[name])
+            why = semantics.violation(ref, outputs[name])
             if why:
                 raise VerificationError(f"pass '{pass_.name}' broke its semantics on output '{name}': {why}")
-        self.given = outputs
 
 
 class PassManager:

@@ -52,7 +52,10 @@ def test_canonicalize_leaves_plain_initializers_on_named_layers(dtype):
 @pytest.mark.parametrize("spec", ["quantize", "prune-magnitude", "prune-n-m", "prune-channels(ratio=0.5)",
                                   "factorize-svd(rank=2)", "factorize-tucker(rank=2)", "winograd"])
 def test_every_layer_is_rewritten_or_refused_with_a_reason(dtype, spec):
-    result = optimize(gs.import_onnx(exported(dtype)), f"canonicalize,{spec}", data=feeds(dtype), latency=False)
+    # Coverage, not fidelity: random weights at harsh settings lose accuracy by design, so the gate
+    # is told to accept any loss (min_cosine=-1) and the test looks only at what was rewritten.
+    result = optimize(gs.import_onnx(exported(dtype)), f"canonicalize,{spec}", data=feeds(dtype), latency=False,
+                      min_cosine=-1.0)
     record = result.report["passes"][-1]
     assert record["modified"] == bool(record["decisions"])
     assert record["decisions"] or record["refused"], record

@@ -1,14 +1,22 @@
 """What the factorization passes share: options, the choice of ranks (uniform or by sensitivity),
-the per-layer decision, and the `Layerwise` methods `graphopt sensitivity` calls.
+the calibration statistics of the data-aware method, the per-layer decision, and the `Layerwise`
+methods `graphopt sensitivity` calls.
 
 A pass built on `LowRankPass` (a `LayerPass`) says which nodes it looks at (`ops`), how it examines
 one (`examine`: pure, a `Match` that binds the weight, or `Refused`), how it decomposes the weight
-(`decompose`: the SVDs, computed once per layer however many ranks are then tried), how it
-truncates that under a rank criterion (`truncate`: a `Plan`, or `Refused` when it would not pay),
-and how it writes the factors in place of the node (`factor`, through the rewriter).
+(`decompose`: the SVDs, computed once per layer however many ranks are then tried; from the
+layer's input `Moments` when the method is "whitened"), how it truncates that under a rank
+criterion (`truncate`: a `Plan`, or `Refused` when it would not pay), and how it writes the factors
+in place of the node (`factor`, through the rewriter).
+
+method="whitened" (the default with --data) streams every layer's inputs once, on the model as the
+pass receives it (graphopt.passes.activations), and keeps per layer the second moment H and the
+mean; all layers are then factored from those statistics (one shot: a layer does not see how the
+layers before it changed).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,56 +25,84 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir.data import input_specs, random_feeds
 from graphopt.ir.errors import PipelineError, Refused
-from graphopt.passes import sensitivity
+from graphopt.passes import activations, sensitivity
 from graphopt.passes.base import Layer, LayerOptions, LayerPass, PassContext, PassResult, option
 from graphopt.passes.factorize.rank import Criterion
+from graphopt.passes.factorize.whiten import Moments
 from graphopt.pattern import Rewriter
 
 # The refusal that marks the halves of an earlier factorization; sensitivity allocation reads it.
 ALREADY_FACTORED = "already factored"
+METHODS = ("auto", "weights", "whitened")
+ALLOCATIONS = ("auto", "uniform", "sensitivity")
 
 
 @dataclass(frozen=True)
 class Options(LayerOptions):
-    """Rank choice, one of: `rank`, `energy`, `ratio` (fraction of parameters kept) or
-    method="vbmf"; with allocation="sensitivity", `ratio` is a global budget instead, spread over
-    the layers by their sensitivity measured at `ratios` (fractions of a layer's parameters removed)."""
-    rank: int | None = option(None, "the rank kept (capped at each matrix's or mode's size)")
-    energy: float | None = option(None, "fraction of the squared singular values kept, in (0, 1]")
+    """Rank choice, one of: `rank` (a number, or "vbmf"), `energy`, `max_error` or `ratio` (fraction
+    of parameters kept); with allocation="sensitivity" (the default with --data), `ratio` is a
+    global budget instead, spread
+    over the layers by their sensitivity measured at `ratios` (fractions of a layer's parameters
+    removed). `method` chooses what the factors approximate, and so what `energy` and `max_error`
+    measure: the weight ("weights") or the layer's output on the calibration data ("whitened")."""
+    rank: int | str | None = option(None, "the rank kept (capped at each matrix's or mode's size), or 'vbmf': "
+                                          "the rank empirical variational Bayesian matrix factorization keeps")
+    energy: float | None = option(None, "fraction of the squared singular values kept, in (0, 1]: of the weight "
+                                        "(method='weights') or of the layer's output on the data ('whitened')")
+    max_error: float | None = option(None, "largest relative error allowed, in [0, 1): of the weight (method="
+                                           "'weights') or of the layer's output on the data ('whitened'); "
+                                           "energy=1-max_error**2 (factorize-tucker: split evenly between "
+                                           "its two modes)")
     ratio: float | None = option(None, "fraction of each layer's parameters kept, in (0, 1]; with "
                                        "allocation='sensitivity', of all these layers' parameters")
-    method: str | None = option(None, "'vbmf': the rank empirical variational Bayesian matrix factorization keeps")
-    allocation: str = option("uniform", "'uniform' (every layer by the same criterion) or 'sensitivity' "
-                                        "(the `ratio` budget spread by measured sensitivity)")
+    method: str = option("auto", "'weights' (truncated SVD of the weight), 'whitened' (truncation that minimises "
+                                 "the output error on calibration inputs, then a least-squares refit); "
+                                 "'auto': whitened with --data, weights without")
+    damping: float = option(0.01, "whitened: added to the input second moment's diagonal, as a fraction of its "
+                                  "mean, before whitening")
+    allocation: str = option("auto", "'uniform' (every layer by the same criterion), 'sensitivity' (the `ratio` "
+                                     "budget spread by measured sensitivity); 'auto': sensitivity with --data and "
+                                     "a ratio, else uniform")
     ratios: tuple[float, ...] = option((0.25, 0.5, 0.7, 0.8, 0.9), "fractions of a layer's parameters "
                                        "removed at which sensitivity is measured (allocation='sensitivity')")
 
     pass_name: ClassVar[str] = "factorize"
 
     def __post_init__(self):
-        given = [k for k in ("rank", "energy", "ratio", "method") if getattr(self, k) is not None]
-        example = f"e.g. {self.pass_name}(energy=0.95)"
+        name = self.pass_name
+        if self.method == "vbmf":
+            raise PipelineError(f"{name}: method='vbmf' is now rank='vbmf' (method chooses 'weights' or 'whitened')")
+        given = [k for k in ("rank", "energy", "max_error", "ratio") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise PipelineError(f"{self.pass_name}: give exactly one of rank, energy, ratio or method='vbmf' "
-                                f"(got {', '.join(given) or 'none'}; {example})")
-        if self.rank is not None and self.rank < 1:
-            raise PipelineError(f"{self.pass_name}: rank={self.rank} must be a positive integer")
+            raise PipelineError(f"{name}: give exactly one of rank, energy, max_error or ratio "
+                                f"(got {', '.join(given) or 'none'}; e.g. {name}(energy=0.95))")
+        if isinstance(self.rank, str) and self.rank != "vbmf":
+            raise PipelineError(f"{name}: rank={self.rank!r} must be a positive integer or 'vbmf'")
+        if isinstance(self.rank, int) and self.rank < 1:
+            raise PipelineError(f"{name}: rank={self.rank} must be a positive integer or 'vbmf'")
         for key in ("energy", "ratio"):
             value = getattr(self, key)
             if value is not None and not 0 < value <= 1:
-                raise PipelineError(f"{self.pass_name}: {key}={value} must be a fraction in (0, 1]")
-        if self.method is not None and self.method != "vbmf":
-            raise PipelineError(f"{self.pass_name}: method={self.method!r}; the only method is 'vbmf'")
-        if self.allocation not in ("uniform", "sensitivity"):
-            raise PipelineError(f"{self.pass_name}: allocation={self.allocation!r} must be 'uniform' or 'sensitivity'")
+                raise PipelineError(f"{name}: {key}={value} must be a fraction in (0, 1]")
+        if self.max_error is not None and not 0 <= self.max_error < 1:
+            raise PipelineError(f"{name}: max_error={self.max_error} must be a fraction in [0, 1): "
+                                "0.05 allows 5% error")
+        if self.method not in METHODS:
+            raise PipelineError(f"{name}: method={self.method!r} must be one of {', '.join(METHODS)}")
+        if not 0 < self.damping < 1e3:
+            raise PipelineError(f"{name}: damping={self.damping} must be positive (0.01: 1% of mean(diag H))")
+        if self.allocation not in ALLOCATIONS:
+            raise PipelineError(f"{name}: allocation={self.allocation!r} must be one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "sensitivity" and self.ratio is None:
-            raise PipelineError(f"{self.pass_name}: allocation='sensitivity' spreads a budget of parameters; "
-                                f"give it as ratio (the fraction kept), e.g. {self.pass_name}(ratio=0.5, "
+            raise PipelineError(f"{name}: allocation='sensitivity' spreads a budget of parameters; "
+                                f"give it as ratio (the fraction kept), e.g. {name}(ratio=0.5, "
                                 "allocation='sensitivity')")
         sensitivity.check_ratios(self.ratios)
 
     def criterion(self) -> Criterion:
-        return Criterion(rank=self.rank, energy=self.energy, keep=self.ratio, vbmf=self.method == "vbmf")
+        vbmf = self.rank == "vbmf"
+        return Criterion(rank=None if vbmf else self.rank, energy=self.energy, max_error=self.max_error,
+                         keep=self.ratio, vbmf=vbmf)
 
 
 @dataclass(frozen=True)
@@ -78,7 +114,8 @@ class Match:
 
 @dataclass
 class Plan:
-    """A decomposition ready to be written: the factors, and what it costs and keeps."""
+    """A decomposition ready to be written: the factors, and what it costs and keeps.
+    `bias_shift`: what the whitened method adds to the layer's bias (the output mean it moved)."""
     criterion: Criterion
     ranks: dict[str, int]
     factors: tuple[np.ndarray, ...]
@@ -86,12 +123,26 @@ class Plan:
     macs: tuple[int, int]  # before, after
     weight_error: float  # relative Frobenius error of the reconstructed weight
     extra: dict = field(default_factory=dict)
+    bias_shift: np.ndarray | None = None
 
     def decision(self, op: str) -> dict:
         return {"op": op, "criterion": self.criterion.describe(), "ranks": self.ranks,
                 "params": {"before": self.params[0], "after": self.params[1]},
                 "macs": {"before": self.macs[0], "after": self.macs[1]},
                 "weight_error": round(self.weight_error, 6), **self.extra}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a layer is decomposed: its input `moments` (None: from the weight alone), the damping,
+    and `fallback`, why a layer the options wanted whitened is decomposed from its weight."""
+    moments: Moments | None = None
+    damping: float = 0.01
+    fallback: str = ""
+
+    def describe(self) -> dict:
+        method = "weights" if self.moments is None else "whitened"
+        return {"method": method, **({"fallback": self.fallback} if self.fallback else {})}
 
 
 def no_saving(what: str, unit: str, before: int, after: int) -> Refused:
@@ -103,7 +154,7 @@ class LowRankPass(LayerPass):
 
     Options = Options
 
-    def decompose(self, node: gs.Node, match: Match) -> Any:
+    def decompose(self, node: gs.Node, match: Match, calibration: Calibration) -> Any:
         raise NotImplementedError
 
     def truncate(self, node: gs.Node, match: Match, decomposition: Any, criterion: Criterion) -> Plan:
@@ -115,8 +166,13 @@ class LowRankPass(LayerPass):
     def plan(self, layers: list[Layer], graph: gs.Graph, ctx: PassContext,
              result: PassResult) -> list[tuple[Layer, Plan]]:
         decompositions: dict[str, Any] = {}  # by node name, made when first needed
-        result.stats["allocation"] = self.options.allocation
-        criteria = self._criteria(graph, layers, decompositions, ctx, result)
+        result.stats["allocation"] = allocation = self.allocation(ctx)
+        calibrations = self.calibrate(graph, layers, ctx, result)
+
+        def decompose(layer: Layer) -> Any:
+            return self._decomposition(decompositions, layer, calibrations[layer.name])
+
+        criteria = self._criteria(graph, layers, decompose, allocation, ctx, result)
         planned = []
         for layer in layers:
             criterion = criteria.get(layer.name)
@@ -124,8 +180,7 @@ class LowRankPass(LayerPass):
                 result.skip(layer.name, result.stats.get("budget", "sensitivity allocation kept it whole"))
                 continue
             try:
-                planned.append((layer, self.truncate(layer.node, layer.match,
-                                                     self._decomposition(decompositions, layer), criterion)))
+                planned.append((layer, self.truncate(layer.node, layer.match, decompose(layer), criterion)))
             except Refused as e:
                 result.refuse(layer.name, e.reason)
         result.stats["params_removed"] = sum(p.params[0] - p.params[1] for _, p in planned)
@@ -135,14 +190,50 @@ class LowRankPass(LayerPass):
         self.factor(rw, layer.node, layer.match, plan)
         return plan.decision(layer.node.op)
 
-    def _decomposition(self, cache: dict[str, Any], layer: Layer) -> Any:
+    def method(self, ctx: PassContext | None) -> str:
+        """The method the options choose in this context ('auto' resolved)."""
+        if self.options.method != "auto":
+            return self.options.method
+        return "whitened" if ctx is not None and ctx.from_data else "weights"
+
+    def calibrate(self, graph: gs.Graph, layers: list[Layer], ctx: PassContext,
+                  result: PassResult) -> dict[str, Calibration]:
+        """Each layer's Calibration: with method="whitened", its input moments on the calibration
+        data (random inputs when the context has none), streamed once for all layers; the weight
+        alone where the row view does not cover the layer."""
+        method = self.method(ctx)
+        result.stats["method"] = method
+        damping = self.options.damping
+        if method == "weights":
+            return {layer.name: Calibration(damping=damping) for layer in layers}
+        why = {layer.name: activations.supported(layer.node) for layer in layers}
+        nodes = [layer.node for layer in layers if why[layer.name] is None]
+        stats = {}
+        if nodes:
+            feeds = ctx.feeds
+            if feeds is None:
+                feeds = random_feeds(input_specs(graph), ctx.seed, batch=8)
+                result.stats["calibration"] = "random inputs (no data given)"
+            report = (lambda done, total: ctx.progress("calibrate", done, total)) if ctx.progress else None
+            stats = activations.statistics(graph, nodes, feeds, progress=report)
+        return {layer.name: Calibration(Moments.of(stats[layer.name]), damping) if layer.name in stats
+                else Calibration(damping=damping, fallback=f"whitened: {why[layer.name]}") for layer in layers}
+
+    def _decomposition(self, cache: dict[str, Any], layer: Layer, calibration: Calibration) -> Any:
         if layer.name not in cache:
-            cache[layer.name] = self.decompose(layer.node, layer.match)
+            cache[layer.name] = self.decompose(layer.node, layer.match, calibration)
         return cache[layer.name]
 
-    def _criteria(self, graph: gs.Graph, layers: list[Layer], decompositions: dict, ctx: PassContext,
-                  result: PassResult) -> dict[str, Criterion]:
-        if self.options.allocation == "uniform":
+    def allocation(self, ctx: PassContext | None) -> str:
+        """The allocation the options choose in this context ('auto' resolved): measured
+        sensitivity needs a budget (ratio) and real data to be worth its cost."""
+        if self.options.allocation != "auto":
+            return self.options.allocation
+        return "sensitivity" if ctx is not None and ctx.from_data and self.options.ratio is not None else "uniform"
+
+    def _criteria(self, graph: gs.Graph, layers: list[Layer], decompose: Callable[[Layer], Any], allocation: str,
+                  ctx: PassContext, result: PassResult) -> dict[str, Criterion]:
+        if allocation == "uniform":
             return {layer.name: self.options.criterion() for layer in layers}
         if any(r.reason.startswith(ALREADY_FACTORED) for r in result.refused):
             # The budget is a fraction of the unfactored model; spending it again would compound.
@@ -152,8 +243,8 @@ class LowRankPass(LayerPass):
             return {}
         feeds = ctx.feeds if ctx.feeds is not None else random_feeds(input_specs(graph), ctx.seed, batch=8)
         report = (lambda done, total: ctx.progress("sensitivity", done, total)) if ctx.progress else None
-        for layer in layers:  # once per layer, however many ratios each is tried at
-            self._decomposition(decompositions, layer)
+        # once per layer, however many ratios each is tried at
+        decompositions = {layer.name: decompose(layer) for layer in layers}
 
         def apply(trial: gs.Graph, layer: sensitivity.Layer, ratio: float) -> None:
             self._apply(trial, layer, ratio, decompositions[layer.name])
@@ -174,11 +265,13 @@ class LowRankPass(LayerPass):
 
     def _apply(self, graph: gs.Graph, layer: sensitivity.Layer, ratio: float, decomposition: Any) -> None:
         """Factor one layer of `graph` (a trial copy) keeping 1 - ratio of its parameters;
-        `decomposition`, when given, is that of the same weight in the graph the copy came from."""
+        `decomposition`, when given, is that of the same weight in the graph the copy came from
+        (without one, as `graphopt sensitivity` calls it with no data: from the weight alone)."""
         node = next(n for n in graph.nodes if n.name == layer.name)
         try:
             match = self.examine(node, graph)
-            decomposition = self.decompose(node, match) if decomposition is None else decomposition
+            if decomposition is None:
+                decomposition = self.decompose(node, match, Calibration(damping=self.options.damping))
             plan = self.truncate(node, match, decomposition, Criterion(keep=1.0 - ratio))
         except Refused:
             return  # no saving at this ratio: the layer stays whole, and measures as such

@@ -1,10 +1,15 @@
 """Rank selection for the low-rank factorization passes.
 
+The singular values are those of the weight (method="weights": the error is the weight's) or of
+the whitened weight W L (method="whitened": the error is the layer's output error on the
+calibration inputs; graphopt.passes.factorize.whiten).
+
 A rank comes from one criterion: an explicit `rank`, the `energy` (fraction of the squared
-singular values kept), a fraction of parameters kept (`keep`, from the `ratio` option or from a
-sensitivity allocation), or `vbmf`: the rank that empirical variational Bayesian matrix
-factorization keeps (Nakajima et al. 2013, "Global analytic solution of fully-observed
-variational Bayesian matrix factorization", JMLR 14; as used for Tucker ranks by Kim et al. 2016).
+singular values kept), `max_error` (the relative error those left out make: sqrt of their share of
+the squares), a fraction of parameters kept (`keep`, from the `ratio` option or from a sensitivity
+allocation), or `vbmf`: the rank that empirical variational Bayesian matrix factorization keeps
+(Nakajima et al. 2013, "Global analytic solution of fully-observed variational Bayesian matrix
+factorization", JMLR 14; as used for Tucker ranks by Kim et al. 2016).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class Criterion:
     """Exactly one field set: how the rank of one layer (or of each mode of it) is chosen."""
     rank: int | None = None
     energy: float | None = None
+    max_error: float | None = None
     keep: float | None = None
     vbmf: bool = False
 
@@ -33,6 +39,8 @@ class Criterion:
             return f"rank={self.rank}"
         if self.energy is not None:
             return f"energy={self.energy:g}"
+        if self.max_error is not None:
+            return f"max_error={self.max_error:g}"
         if self.keep is not None:
             return f"params kept={self.keep:.4g}"
         return "vbmf"
@@ -47,6 +55,12 @@ def energy_rank(singular_values: np.ndarray, energy: float) -> int:
     # A relative epsilon: energy=1.0 must stop at the last non-zero value, not miss it by rounding.
     cumulative = np.cumsum(squares) / total
     return min(int(np.searchsorted(cumulative, energy - 1e-12)) + 1, squares.size)
+
+
+def error_rank(singular_values: np.ndarray, max_error: float) -> int:
+    """The smallest rank whose left-out singular values make a relative error of at most
+    `max_error`: sqrt(sum of the left-out squares / sum of all squares) <= max_error."""
+    return energy_rank(singular_values, 1.0 - max_error**2)
 
 
 def energy_kept(singular_values: np.ndarray, rank: int) -> float:

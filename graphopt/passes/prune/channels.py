@@ -5,12 +5,16 @@ and every axis tied to them (norms, activations, pools, residual joins, Concat, 
 Flatten into a Gemm); a group is pruned when one of its layers is included and none excluded.
 Rewrites: each group's constants, attributes and shapes down to the channels kept, so the model
 runs faster anywhere: floor(ratio * channels) go (uniform), or `ratio` of the prunable MACs spread
-by sensitivity; the least important (L1, L2, BN |gamma|) go; counts are multiples of `round_to`.
+by sensitivity; counts are multiples of `round_to`. Which go: with method='l1' the least important
+by the weights (L1, L2, BN |gamma|); with 'thinet' (default on --data) or 'lasso' those whose
+consumers' outputs, measured on calibration data, are best rebuilt without them, and the consumers
+are then refit by least squares (graphopt.passes.prune.reconstruct, which says how).
 Refuses: channels reaching a graph output or an op not followed; weights not constant, shared or
 not floating point; dynamic shapes a Reshape needs; bn_gamma without BatchNormalization.
 Guarantees: LOSSY(cosine >= 0.75) at ratio 0.25 (l1, uniform); output shapes unchanged; ratio 0
 changes nothing; not idempotent. Measurements: docs/passes/prune-channels.md.
-Verified by: tests/passes/prune/test_channels.py, test_dependency.py (onnxruntime, TVM).
+Verified by: tests/passes/prune/test_channels.py, test_reconstruct.py, test_dependency.py
+(onnxruntime, TVM; accuracy on the digits test set).
 """
 from __future__ import annotations
 
@@ -28,10 +32,13 @@ from graphopt.ir.verify import SHAPES_INFERRED, TOPOSORTED
 from graphopt.passes import sensitivity
 from graphopt.passes.base import (LOSSY, LayerFilter, LayerOptions, LayerPass, PassContext, PassInfo, PassResult,
                                   Refused, option)
+from graphopt.passes.prune import reconstruct
 from graphopt.passes.prune.channel_rules import analyze
 from graphopt.passes.prune.dependency import FILTER, GAMMA, INPUT, DependencyGraph, Group, Segment, Slice
+from graphopt.passes.prune.reconstruct import Reconstruction, select
 from graphopt.pattern import Rewriter
 
+METHODS = ("l1", "thinet", "lasso")
 CRITERIA = ("l1", "l2", "bn_gamma")
 ALLOCATIONS = ("uniform", "sensitivity")
 BUDGET_METRICS = ("macs", "params")
@@ -41,8 +48,17 @@ BUDGET_METRICS = ("macs", "params")
 class Options(LayerOptions):
     ratio: float = option(0.25, "fraction of each group's channels removed; with allocation='sensitivity', "
                                 "of the prunable MACs (or parameters)")
-    criterion: str = option("l1", "channel importance: 'l1' or 'l2' norm of the filters, or 'bn_gamma' "
-                                  "(|gamma| of the BatchNormalizations, network slimming)")
+    method: str | None = option(None, "how the channels that go are chosen: 'l1' (by the weights, see criterion), "
+                                      "'thinet' (greedy, by the consumers' output error on calibration data) or "
+                                      "'lasso' (LASSO on the channels' contributions to it); thinet and lasso "
+                                      "then refit the consumers by least squares. Default: thinet with --data, "
+                                      "else l1")
+    criterion: str = option("l1", "method='l1's channel importance: 'l1' or 'l2' norm of the filters, or "
+                                  "'bn_gamma' (|gamma| of the BatchNormalizations, network slimming)")
+    sequential: bool = option(False, "thinet, lasso: measure each group's consumers on the model pruned so far "
+                                     "(one pass over the data per group) instead of all on the original at once")
+    ridge: float = option(1e-3, "damping of the consumers' least-squares refit (thinet, lasso), relative to the "
+                                "mean diagonal of their input's second moment")
     round_to: int = option(1, "kept channels are a multiple of this (8 or 16 suit blocked CPU kernels)")
     min_channels: int = option(1, "never keep fewer channels in a group")
     allocation: str = option("uniform", "'uniform': the same ratio per group; 'sensitivity': `ratio` as a "
@@ -56,6 +72,13 @@ class Options(LayerOptions):
             raise PipelineError(f"prune-channels: ratio={self.ratio} must be in [0, 1) (the fraction of "
                                 "channels removed per group, or with allocation='sensitivity' of the "
                                 "prunable MACs or parameters)")
+        if self.method is not None and self.method not in METHODS:
+            raise PipelineError(f"prune-channels: method={self.method!r} must be one of {', '.join(METHODS)}")
+        if self.method in ("thinet", "lasso") and self.criterion != "l1":
+            raise PipelineError(f"prune-channels: criterion={self.criterion!r} ranks channels for method='l1' only; "
+                                f"method={self.method!r} ranks them by reconstruction error")
+        if not 0.0 <= self.ridge < 1.0:
+            raise PipelineError(f"prune-channels: ridge={self.ridge} must be in [0, 1) (relative damping)")
         if self.criterion not in CRITERIA:
             raise PipelineError(f"prune-channels: criterion={self.criterion!r} must be one of {', '.join(CRITERIA)}")
         if self.round_to < 1 or self.min_channels < 1:
@@ -88,30 +111,73 @@ class PruneChannels(LayerPass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        result = PassResult(False, {"allocation": o.allocation})
+        method = self.method(ctx)
+        result = PassResult(False, {"allocation": o.allocation, "method": method})
         before = _cost(graph)
         survey = self.survey(graph, result)
         model = CostModel(survey.dg, o.budget_metric)
         prunable = model.removed(dict.fromkeys((g.id for g in survey.groups), 0))
         budget = {"metric": o.budget_metric, "prunable": round(prunable)}
+        recon = self._measure(graph, survey, method, ctx)
         if o.allocation == "uniform":
             keep = {g.id: kept_count(g, o.ratio, o) for g in survey.groups}
         else:
             budget["target"] = round(o.ratio * prunable)
-            keep = self._by_sensitivity(graph, survey, model, o.ratio * prunable, ctx, result.stats)
-        plan = {g.id: select(survey.scores[g.id], keep[g.id], g.divisions) for g in survey.groups
-                if keep.get(g.id, g.channels) < g.channels}
-        if plan:
-            apply(Rewriter(graph), survey.dg, plan)
+            keep = self._by_sensitivity(graph, survey, model, o.ratio * prunable, ctx, result.stats, recon)
+        counts = {group_name(g): keep[g.id] for g in survey.groups if keep.get(g.id, g.channels) < g.channels}
+        if counts and recon and o.sequential:
+            result.stats["refit"] = self._sequentially(graph, counts, method, ctx)
+        elif counts:
+            result.stats["refit"] = self._prune(graph, survey, counts, recon, method)
         after = _cost(graph)
-        result.modified = bool(plan)
-        result.decisions = {group_name(g): {"layers": list(g.layers),
-                                            "channels": [g.channels, keep.get(g.id, g.channels)]}
-                            for g in survey.groups}
+        result.modified = bool(counts)
+        for g in survey.groups:
+            how = recon.record(group_name(g), method) if recon else {"method": method}
+            result.decisions[group_name(g)] = {"layers": list(g.layers),
+                                               "channels": [g.channels, keep.get(g.id, g.channels)], **how}
         budget["removed"] = round(model.removed(keep))
-        result.stats.update({"pruned_groups": len(plan), "macs": [before[0], after[0]],
+        result.stats.update({"pruned_groups": len(counts), "macs": [before[0], after[0]],
                              "params": [before[1], after[1]], "budget": budget})
         return result
+
+    def method(self, ctx: PassContext) -> str:
+        """The method asked for; by default the data-aware one on the user's data (unless a weight
+        criterion was asked for), else the weights-only one."""
+        o = self.options
+        if o.method is not None:
+            return o.method
+        return "thinet" if ctx.from_data and o.criterion == "l1" else "l1"
+
+    def _prune(self, graph: gs.Graph, survey: Survey, counts: dict[str, int], recon: Reconstruction | None,
+               method: str) -> dict[str, dict]:
+        """Choose the channels each group (by name) keeps, refit their consumers, and rewrite;
+        returns the refit's record per consumer."""
+        groups = {group_name(g): g for g in survey.groups}
+        kept = {name: choose(groups[name], n, survey, recon, method) for name, n in counts.items()}
+        rw = Rewriter(graph)
+        refits = recon.refit(rw, graph, kept, self.options.ridge) if recon else {}
+        apply(rw, survey.dg, {groups[name].id: index for name, index in kept.items()})
+        return refits
+
+    def _sequentially(self, graph: gs.Graph, counts: dict[str, int], method: str, ctx: PassContext) -> dict[str, dict]:
+        """One group at a time, in graph order, each measured on the model pruned so far."""
+        refits = {}
+        for name, n in counts.items():
+            survey = self.survey(graph, PassResult(False))
+            group = next(g for g in survey.groups if group_name(g) == name)
+            recon = self._measure(graph, Survey(survey.dg, survey.scores, [group]), method, ctx)
+            refits.update(self._prune(graph, survey, {name: n}, recon, method))
+        return refits
+
+    def _measure(self, graph: gs.Graph, survey: Survey, method: str, ctx: PassContext) -> Reconstruction | None:
+        """The consumers' statistics thinet and lasso choose and refit by; None for l1 or when
+        nothing will be pruned."""
+        if method == "l1" or self.options.ratio == 0 or not survey.groups:
+            return None
+        feeds = ctx.feeds if ctx.feeds is not None else random_feeds(input_specs(graph), ctx.seed, batch=8)
+        report = (lambda done, total: ctx.progress("statistics", done, total)) if ctx.progress else None
+        return reconstruct.prepare(graph, survey.dg, {g.id: group_name(g) for g in survey.groups}, feeds,
+                                   ctx.seed, report)
 
     def survey(self, graph: gs.Graph, result: PassResult) -> Survey:
         """The groups to prune; those refused or left out by the options are recorded in `result`."""
@@ -150,13 +216,15 @@ class PruneChannels(LayerPass):
             result.refuse(node.name, why)
 
     def _by_sensitivity(self, graph: gs.Graph, survey: Survey, model: CostModel, target: float,
-                        ctx: PassContext, stats: dict) -> dict[int, int]:
+                        ctx: PassContext, stats: dict, recon: Reconstruction | None) -> dict[int, int]:
         if target <= 0:
             return {}  # ratio 0 or nothing prunable: nothing to measure
         feeds = ctx.feeds if ctx.feeds is not None else random_feeds(input_specs(graph), ctx.seed, batch=8)
         report = (lambda done, total: ctx.progress("sensitivity", done, total)) if ctx.progress else None
         layers = _layers(graph, survey, model)
-        table = sensitivity.analyze(graph, layers, self.apply_layer, self.options.ratios, feeds, progress=report)
+        method = self.method(ctx)
+        table = sensitivity.analyze(graph, layers, lambda g, layer, r: self._prune_group(g, layer, r, recon, method),
+                                    self.options.ratios, feeds, progress=report)
         stats["sensitivity"] = table.as_dict()
         return fit_budget(table, {group_name(g): g for g in survey.groups}, model.removed, target, self.options)
 
@@ -167,11 +235,16 @@ class PruneChannels(LayerPass):
         return _layers(graph, survey, CostModel(survey.dg, self.options.budget_metric))
 
     def apply_layer(self, graph: gs.Graph, layer: sensitivity.Layer, ratio: float) -> None:
+        """Prune one group by its weights (`graphopt sensitivity` has no statistics to give)."""
+        self._prune_group(graph, layer, ratio, None, "l1")
+
+    def _prune_group(self, graph: gs.Graph, layer: sensitivity.Layer, ratio: float, recon: Reconstruction | None,
+                     method: str) -> None:
         survey = self.survey(graph, PassResult(False))
         group = next(g for g in survey.groups if group_name(g) == layer.name)
         keep = kept_count(group, ratio, self.options)
         if keep < group.channels:
-            apply(Rewriter(graph), survey.dg, {group.id: select(survey.scores[group.id], keep, group.divisions)})
+            self._prune(graph, survey, {layer.name: keep}, recon, method)
 
 
 def left_out(chosen: LayerFilter, layers: list[gs.Node]) -> str | None:
@@ -189,6 +262,13 @@ def check_group(group: Group, scores: dict[int, np.ndarray]) -> None:
         raise Refused("; ".join(group.reasons))
     if group.id not in scores:
         raise Refused("criterion bn_gamma: no BatchNormalization scales these channels")
+
+
+def choose(group: Group, keep: int, survey: Survey, recon: Reconstruction | None, method: str) -> np.ndarray:
+    """Sorted indices of the channels a group keeps: by reconstruction error where the method and
+    the group's consumers allow, else by the weights."""
+    kept = recon.choose(group_name(group), keep, group.divisions, method) if recon else None
+    return kept if kept is not None else select(survey.scores[group.id], keep, group.divisions)
 
 
 def group_name(group: Group) -> str:
@@ -268,13 +348,6 @@ def _terms(dg: DependencyGraph, metric: str) -> list[tuple[int, list[Slice]]]:
             sliced.setdefault((id(s.node), s.input), []).append(s)
     return [(macs(s[0].node) if metric == "macs" else count(s[0].node.inputs[s[0].input].shape), s)
             for s in sliced.values()]
-
-
-def select(scores: np.ndarray, keep: int, divisions: int = 1) -> np.ndarray:
-    """Sorted indices of the `keep` highest scores, the same number from each of `divisions` blocks."""
-    blocks = scores.reshape(divisions, -1)
-    top = np.argsort(-blocks, axis=1, kind="stable")[:, :keep // divisions]
-    return np.sort(top + blocks.shape[1] * np.arange(divisions)[:, None], axis=1).ravel()
 
 
 def importance(dg: DependencyGraph, criterion: str) -> dict[int, np.ndarray]:

@@ -1,15 +1,21 @@
-"""prune-n-m: N:M semi-structured sparsity, 2:4 by default (NVIDIA ASP; Mishra et al. 2021).
+"""prune-n-m: N:M semi-structured sparsity, 2:4 by default (NVIDIA ASP; Mishra et al. 2021), chosen
+by magnitude or from calibration data (Wanda; SparseGPT's N:M mode, Frantar & Alistarh 2023).
 
 Matches: the layers of prune-magnitude (same `include` / `exclude` / `skip_first` / `skip_last`).
-Rewrites: in every run of M consecutive weights along the axis each output sums over, all but the
-N largest magnitudes to zero, as sparse tensor cores take them: Conv input channels at each output
-channel and kernel tap, ConvTranspose input channels, the K axis of Gemm and MatMul. Biases stay.
+Rewrites: in every run of M consecutive weights along the axis each output sums over, all but N
+to zero, as sparse tensor cores take them: Conv input channels at each output channel and kernel
+tap, ConvTranspose input channels, the K axis of Gemm and MatMul. Biases stay. `method` chooses the
+N: the largest magnitudes, or (wanda, sparsegpt: graphopt.passes.prune.sparsegpt) those whose loss
+changes the layer's output least on the calibration inputs, SparseGPT also updating the weights it
+keeps. With --data the default is sparsegpt; without, magnitude. The data-aware methods visit a
+Conv's im2col columns tap by tap so that each run of M is M consecutive columns; layers the row
+view does not cover (ConvTranspose, a constant A, a batched MatMul weight) fall back to magnitude.
 Refuses: a layer whose reduction size (input channels per group for convolutions, K otherwise)
 is not a multiple of M; as prune-magnitude, a weight shared, a graph output, or not floating point.
 Guarantees: LOSSY(cosine >= 0.8) at 2:4 (bundled builders, digits CNN); every run of M holds at
 most N non-zeros; idempotent.
 Verified by: tests/passes/prune/test_n_m.py against onnxruntime, reading the pattern back from the
-saved model with reduction axes written out per op.
+saved model with reduction axes written out per op; the math by tests/passes/prune/test_sparsegpt.py.
 """
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir.errors import PipelineError
 from graphopt.ir.verify import TOPOSORTED
-from graphopt.passes.base import LOSSY, PassContext, PassInfo, PassResult, Refused, option
-from graphopt.passes.prune.magnitude import Prunable, WeightOptions, WeightPruning
+from graphopt.passes import activations
+from graphopt.passes.base import LOSSY, Layer, PassContext, PassInfo, PassResult, Refused, option
+from graphopt.passes.prune.magnitude import Cut, Prunable, WeightOptions, WeightPruning, set_weight_matrix
 from graphopt.pattern import Rewriter
 
 
@@ -59,8 +66,12 @@ class Options(WeightOptions):
     m: int = option(4, "length of the runs along the reduction axis")
 
     def __post_init__(self):
+        self.check("prune-n-m")
         if not 0 < self.n < self.m:
             raise PipelineError(f"prune-n-m: need 0 < n < m (got n={self.n}, m={self.m})")
+        if self.block_size % self.m:
+            raise PipelineError(f"prune-n-m: block_size={self.block_size} must be a multiple of m={self.m}, "
+                                "so that no run of m straddles two blocks")
 
 
 class PruneNM(WeightPruning):
@@ -76,7 +87,25 @@ class PruneNM(WeightPruning):
             raise Refused(f"reduction size {length} of {node.op} '{node.name}' is not a multiple of {self.options.m}")
         return target
 
-    def prune(self, rw: Rewriter, target: Prunable, plan: Prunable) -> None:
+    def plan(self, layers: list[Layer], graph: gs.Graph, ctx: PassContext,
+             result: PassResult) -> list[tuple[Layer, Cut]]:
+        cuts = self.calibrate(graph, layers, ctx) if layers else {}
+        return [(layer, cuts[layer.name]) for layer in layers]
+
+    def column_order(self, node: gs.Node) -> np.ndarray | None:
+        """A Conv's im2col columns are (channel, tap); visited tap by tap, the runs of M input
+        channels at one tap (the layout sparse kernels take) are M consecutive columns."""
+        if node.op != "Conv":
+            return None
+        channels, height, width = node.inputs[1].shape[1:]
+        return np.arange(channels * height * width).reshape(channels, height * width).T.ravel()
+
+    def prune(self, rw: Rewriter, target: Prunable, plan: Cut) -> None:
+        if plan.hessian is not None:
+            matrix = activations.weight_matrix(target.node)
+            set_weight_matrix(rw, target.node, plan.hessian.prune(matrix, plan.method,
+                                                                  n_m=(self.options.n, self.options.m)))
+            return
         weight = target.tensors[0]
         values = weight.values
         pruned = keep_n_of_m(values, reduction_axis(target.node, target.inputs[0], values.ndim),

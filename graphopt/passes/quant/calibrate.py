@@ -106,3 +106,40 @@ def calibrate(graph: gs.Graph, names: list[str], feeds: dict[str, np.ndarray], b
         if progress:
             progress(done, batching.samples)
     return stats
+
+
+@dataclass
+class ChannelStats:
+    """Per channel of one tensor: the lowest and highest value and the mean square, over all samples."""
+    lo: np.ndarray
+    hi: np.ndarray
+    mean_square: np.ndarray
+
+    @property
+    def absmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.lo), np.abs(self.hi))
+
+
+def channel_statistics(graph: gs.Graph, axes: dict[str, int], feeds: dict[str, np.ndarray], batch_size: int = 32,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, ChannelStats]:
+    """Per tensor name in `axes` (its channel axis, negative from the end), per-channel statistics
+    over all samples of `feeds`, one batch at a time (SmoothQuant's max |x| per input channel)."""
+    if not axes:
+        return {}
+    batching = Batching.of(input_specs(graph), feeds)
+    if batching.samples == 0:
+        raise PipelineError("calibration data is empty: pass --data with at least one sample")
+    session = ort.session(with_outputs(graph, list(axes)))
+    found: dict[str, tuple] = {}
+    done = 0
+    for batch in batching.batches(feeds, batch_size):
+        outputs = ort.run(session, batch)
+        for name, axis in axes.items():
+            x = np.moveaxis(np.asarray(outputs[name], np.float64), axis, -1).reshape(-1, outputs[name].shape[axis])
+            lo, hi, squares, count = found.get(name, (np.inf, -np.inf, 0.0, 0))
+            lo, hi = np.minimum(lo, x.min(axis=0, initial=np.inf)), np.maximum(hi, x.max(axis=0, initial=-np.inf))
+            found[name] = (lo, hi, squares + (x * x).sum(axis=0), count + len(x))
+        done = min(done + (batching.run or batch_size), batching.samples)
+        if progress:
+            progress(done, batching.samples)
+    return {name: ChannelStats(lo, hi, squares / max(count, 1)) for name, (lo, hi, squares, count) in found.items()}

@@ -1,21 +1,27 @@
-"""quantize: post-training int8 quantization, in the QDQ format onnxruntime runs (Jacob et al. 2018).
+"""quantize: post-training quantization in the QDQ format onnxruntime runs (Jacob et al. 2018).
 
 Matches: Conv, Gemm and MatMul whose weight (input 1) is a floating-point constant, by include/exclude.
-Rewrites: the weight to int8 behind DequantizeLinear, symmetric, per output channel or per tensor;
-a 1-D bias to int32 at scale input x weight; a Q->DQ pair on each layer's input and output (after
-a lone following Relu, which int8 runtimes fuse) and on pass-through ops (MaxPool, Relu, Reshape,
-Flatten, Concat), which share their inputs' scale. Activation ranges come from calibration on
-ctx.feeds (random inputs, with a warning, without); int8 symmetric or uint8 asymmetric. Graph outputs
-stay float. keep_float keeps the layers whose quantization alone costs most in float;
+Rewrites: the weight to int8 or int4 behind DequantizeLinear, symmetric, per output channel, per
+tensor or per group along K (weight_quant.py), rounded to nearest or by GPTQ from the calibration
+data's input Hessians (gptq.py; the default with --data); with mode=static (the default at 8 bits)
+also a 1-D bias to int32 at scale input x weight and a Q->DQ pair on each layer's input and output
+(after a lone following Relu, which int8 runtimes fuse) and on pass-through ops (MaxPool, Relu,
+Reshape, Flatten, Concat), which share their inputs' scale; activation ranges from calibration on
+ctx.feeds (random inputs, with a warning, without); int8 symmetric or uint8 asymmetric. Graph
+outputs stay float. mode=weight-only (the default at 4 bits) leaves activations float.
+keep_float leaves the layers whose quantization costs most in float (sensitivity.py);
 bias_correction folds weight rounding's mean output shift into the bias (Nagel et al. 2019).
-Refuses: a weight shared or that is a graph output, a constant left operand, opsets below 13, and
-every layer of a graph that already holds DequantizeLinear (quantized, or fake-quant).
+Refuses: a weight shared or that is a graph output, a constant left operand, opsets below 13 (21
+for int4 or groups: run through the manager, which upgrades), and every layer of a graph that
+already holds DequantizeLinear (quantized, or fake-quant).
 Guarantees: LOSSY(cosine >= 0.99) on the builders and the digits CNN (docs/passes/quantize.md).
-Decisions: per layer, weight SQNR and output SQNR against the float model, keep_float's choice.
-Verified by: tests/passes/quant/test_quantize.py, tests/passes/quant/test_negative_activations.py.
+Decisions: per layer, weight bits, rounding, weight SQNR and output SQNR against the float model,
+keep_float's choice.
+Verified by: tests/passes/quant/test_quantize.py, test_gptq.py, test_negative_activations.py.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,19 +29,30 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import fidelity, ort
-from graphopt.ir.data import Batching, input_specs, random_feeds
+from graphopt.ir.data import input_specs, random_feeds
 from graphopt.ir.errors import PipelineError
-from graphopt.ir.graph import attr, is_graph_output, np_dtype, opset, producer
+from graphopt.ir.graph import is_graph_output, np_dtype, opset, producer
 from graphopt.ir.verify import TOPOSORTED
+from graphopt.passes import activations
 from graphopt.passes.base import (LOSSY, Layer, LayerOptions, LayerPass, PassContext, PassInfo, PassResult, Refused,
                                   option)
 from graphopt.passes.quant import calibrate as cal
+from graphopt.passes.quant import dynamic, equalize, smooth
+from graphopt.passes.quant import sensitivity
+from graphopt.passes.quant.qdq_layer import QParams, insert_pair, quantize_layer
+from graphopt.passes.quant.weight_quant import (BITS, SCALE_METHODS, Layout, QuantizedWeight, quantize_gptq,
+                                                quantize_nearest, quantize_weight)
 from graphopt.passes.weights import check_weight
 from graphopt.pattern import Rewriter
 
+__all__ = ["Options", "Quantize", "diagnose", "quantize_weight"]
+
 QUANTIZED = ("Conv", "Gemm", "MatMul")
 PASS_THROUGH = ("MaxPool", "Relu", "Reshape", "Flatten", "Concat")
-ERROR_SAMPLES = 64
+ROUNDINGS = ("auto", "nearest", "gptq")
+MODES = ("auto", "static", "weight-only", "dynamic")
+# INT4 tensors and DequantizeLinear's block_size are opset 21.
+BLOCKED_OPSET = 21
 
 
 @dataclass(frozen=True)
@@ -43,41 +60,81 @@ class Options(LayerOptions):
     calibration: str = option("minmax", f"activation range calibration: {', '.join(cal.METHODS)}")
     percentile: float = option(99.99, "percentile of |x| that calibration=percentile keeps")
     activation_type: str = option("int8", "activations int8 (symmetric, zero point 0) or uint8 (asymmetric)")
+    mode: str = option("auto", "'static': activations quantized too (calibrated Q->DQ pairs); 'weight-only': "
+                               "activations stay float; 'dynamic': int8 weights, activations quantized at run "
+                               "time (dynamic.py); 'auto': static at weight_bits=8 (dynamic with --data on a "
+                               "transformer-like graph), weight-only at 4")
     per_channel: bool = option(True, "one weight scale per output channel; false: one per weight")
+    weight_bits: int = option(8, "weight integers: 8 (int8) or 4 (ONNX INT4; the model is upgraded to opset 21)")
+    group_size: int = option(0, "0: scales per output channel; N: one scale per N inputs along K (a Conv: N "
+                                "input channels at each kernel position; opset 21's blocked DequantizeLinear)")
+    scales: str = option("auto", "weight scales: 'minmax' (largest |w| / qmax) or 'mse' (the clipping with least "
+                                 "squared rounding error, searched per scale); 'auto': minmax at 8 bits, mse at 4")
+    rounding: str = option("auto", "weights to integers: 'nearest', or 'gptq' (Frantar et al. 2022: rounding "
+                                   "error compensated through the calibration inputs' Hessian); 'auto': gptq with "
+                                   "--data, nearest without")
+    damping: float = option(0.01, "gptq: fraction of mean diag(H) added to the Hessian's diagonal")
+    act_order: bool = option(True, "gptq: round the columns by descending diag(H) (act-order)")
+    gptq_block: int = option(128, "gptq: columns per lazy batch update")
     bias_correction: bool = option(False, "fold the mean output shift that weight rounding causes into the bias")
-    keep_float: int | str = option(0, "keep in float the N layers whose quantization alone costs most "
-                                      "(output SQNR); 'auto': those 10 dB below the median layer")
+    keep_float: int | str = option(0, "keep layers in float: N (the N whose quantization alone costs most); "
+                                      "'auto' (the fewest, most costly first, with which the model's output "
+                                      "cosine on calibration samples reaches target_cosine); 'outliers' (those "
+                                      "10 dB below the median layer)")
+    target_cosine: float = option(0.999, "keep_float=auto: the lowest output cosine to reach")
     batch_size: int = option(32, "samples per onnxruntime run during calibration")
+    smooth: str = option("auto", "SmoothQuant for MatMul/Gemm inputs (smooth.py): 'on', 'off', 'auto' (with "
+                                 "--data, the groups whose expected quantization error it lowers)")
+    smooth_alpha: float = option(0.5, "SmoothQuant strength: s = max|x|^alpha / max|w|^(1 - alpha) per input channel")
+    equalize: str = option("auto", "cross-layer equalization of Conv -> Conv pairs (equalize.py): 'on', 'off', "
+                                   "'auto' (on with per_channel=false)")
 
     def __post_init__(self):
-        if self.calibration not in cal.METHODS:
-            raise PipelineError(f"quantize: calibration={self.calibration!r} must be one of {', '.join(cal.METHODS)}")
-        if self.activation_type not in ("int8", "uint8"):
-            raise PipelineError(f"quantize: activation_type={self.activation_type!r} must be 'int8' "
-                                "(symmetric) or 'uint8' (asymmetric)")
-        if not (isinstance(self.keep_float, int) and self.keep_float >= 0) and self.keep_float != "auto":
-            raise PipelineError(f"quantize: keep_float={self.keep_float!r} must be a layer count or 'auto'")
+        def bad(name: str, why: str) -> PipelineError:
+            return PipelineError(f"quantize: {name}={getattr(self, name)!r} {why}")
+        choices = {"calibration": cal.METHODS, "activation_type": ("int8", "uint8"), "mode": MODES,
+                   "scales": ("auto",) + SCALE_METHODS, "rounding": ROUNDINGS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"must be one of {', '.join(allowed)}")
+        if self.weight_bits not in BITS:
+            raise bad("weight_bits", "must be 8 or 4")
+        if self.group_size < 0:
+            raise bad("group_size", "must be 0 (per channel) or a positive number of inputs per scale")
+        if self.group_size and not self.per_channel:
+            raise bad("group_size", "needs per_channel=true (groups split each output channel's scale)")
+        if not self.damping > 0:
+            raise bad("damping", "must be positive (a fraction of the Hessian's mean diagonal)")
+        if self.gptq_block < 1:
+            raise bad("gptq_block", "must be a positive number of columns")
+        if not (isinstance(self.keep_float, int) and self.keep_float >= 0) \
+                and self.keep_float not in ("auto", "outliers"):
+            raise bad("keep_float", "must be a layer count, 'auto' or 'outliers'")
+        if not 0 < self.target_cosine <= 1:
+            raise bad("target_cosine", "must be in (0, 1]")
+        if self.mode == "dynamic":
+            dynamic.check_options(self)
+        smooth.check_options(self.smooth, self.smooth_alpha)
+        equalize.check_option(self.equalize)
 
+    @property
+    def static(self) -> bool:
+        return self.mode == "static" or (self.mode == "auto" and self.weight_bits == 8)
 
-@dataclass(frozen=True)
-class QParams:
-    scale: np.ndarray  # float32, scalar or per channel
-    zero_point: np.ndarray  # int8 / uint8 / int32, same shape
+    @property
+    def scale_method(self) -> str:
+        return self.scales if self.scales != "auto" else ("minmax" if self.weight_bits == 8 else "mse")
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer's input scale (None: its input stays float), the activations its rewrite puts a
-    Q->DQ pair on, bias_correction's shift and keep_float's choice."""
+    """One layer's weight as it will be stored, its input scale (None: its input stays float),
+    the activations its rewrite puts a Q->DQ pair on, bias_correction's shift and the decision so far."""
+    weight: QuantizedWeight
     input_scale: np.ndarray | None
     pairs: list[tuple[gs.Variable, QParams]]
     shift: np.ndarray | None
     choice: dict
-
-
-def weight_axis(node: gs.Node) -> int:
-    """The output-channel axis of the node's weight (input 1): 0 for Conv and transB Gemm, else the last."""
-    return 0 if node.op == "Conv" or (node.op == "Gemm" and attr(node, "transB", 0)) else len(node.inputs[1].shape) - 1
 
 
 class _Groups:
@@ -153,84 +210,51 @@ def activation_params(stats: dict[str, cal.TensorStats], names: list[str], group
     return params
 
 
-def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 values, float32 scale): symmetric over [-127, 127], per channel along `axis`."""
-    if axis is None:
-        amax = np.abs(w).max(initial=0.0)
-    else:
-        amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1, initial=0.0)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    if axis is not None:
-        shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    return q, scale
+def layer_plans(graph: gs.Graph, nodes: list[gs.Node], params: dict[str, QParams], weights: dict[str, QuantizedWeight],
+                shifts: dict[str, np.ndarray] | None = None, choices: dict[str, dict] | None = None) -> dict[str, LayerPlan]:
+    """The plan of each of `nodes` when exactly these layers are quantized (activation pairs only
+    when `params` has them: mode=static)."""
+    owners = plan_activations(graph, nodes)[0] if params else {}
+    tensors = graph.tensors()
+    plans = {}
+    for node in nodes:
+        x = node.inputs[0].name
+        pairs = [(tensors[name], params[name]) for name, owner in owners.items() if owner == node.name]
+        plans[node.name] = LayerPlan(weights[node.name], params[x].scale if x in owners else None, pairs,
+                                     (shifts or {}).get(node.name), (choices or {}).get(node.name, {}))
+    return plans
 
 
-def _dequantized(rw: Rewriter, prefix: str, q: np.ndarray, p: QParams, axis: int | None) -> gs.Variable:
-    out = rw.variable(prefix + "_dequantized", dtype=np.float32, shape=list(q.shape))
-    attrs = {"axis": axis} if axis is not None else {}
-    rw.add_node("DequantizeLinear", [rw.constant(prefix + "_quantized", q), rw.constant(prefix + "_scale", p.scale),
-                                     rw.constant(prefix + "_zero_point", p.zero_point)], [out], attrs)
-    return out
+def apply_plan(rw: Rewriter, node: gs.Node, plan: LayerPlan) -> dict:
+    info = quantize_layer(rw, node, plan.weight, plan.input_scale, plan.shift)
+    for tensor, p in plan.pairs:
+        insert_pair(rw, tensor, p)
+    return {**plan.choice, **info}
 
 
-def insert_pair(rw: Rewriter, tensor: gs.Variable, p: QParams) -> None:
-    """QuantizeLinear -> DequantizeLinear after `tensor`; every reader then reads the DQ output."""
-    readers = list(tensor.outputs)
-    scale = rw.constant(tensor.name + "_scale", np.asarray(p.scale, np.float32))
-    zero = rw.constant(tensor.name + "_zero_point", np.asarray(p.zero_point))
-    q = rw.variable(tensor.name + "_quantized", dtype=np.asarray(p.zero_point).dtype, shape=tensor.shape)
-    dq = rw.variable(tensor.name + "_dequantized", dtype=np.float32, shape=tensor.shape)
-    rw.add_node("QuantizeLinear", [tensor, scale, zero], [q])
-    rw.add_node("DequantizeLinear", [q, scale, zero], [dq])
-    for reader in readers:
-        for i, t in enumerate(reader.inputs):
-            if t is tensor:
-                rw.set_input(reader, i, dq)
+def quantized_copy(graph: gs.Graph, names: set[str], params: dict[str, QParams],
+                   weights: dict[str, QuantizedWeight]) -> gs.Graph:
+    """A copy of `graph` with the layers `names` quantized as the pass would."""
+    copy = graph.copy()
+    nodes = [n for n in copy.nodes if n.name in names]
+    rw = Rewriter(copy)
+    for name, plan in layer_plans(copy, nodes, params, weights).items():
+        apply_plan(rw, next(n for n in nodes if n.name == name), plan)
+    rw.commit()
+    return copy
 
 
-def quantize_layer(rw: Rewriter, node: gs.Node, input_scale: np.ndarray | None, per_channel: bool,
-                   shift: np.ndarray | None = None) -> dict:
-    """Weight (and bias, when its input is quantized) to integers behind DequantizeLinear."""
-    w = node.inputs[1].values.astype(np.float32)
-    axis = weight_axis(node)
-    q, scale = quantize_weight(w, axis if per_channel else None)
-    rw.set_input(node, 1, _dequantized(rw, node.inputs[1].name, q, QParams(scale, np.zeros_like(scale, np.int8)),
-                                       axis if per_channel else None))
-    shape = [1] * w.ndim
-    if per_channel:
-        shape[axis] = -1
-    wq = q.astype(np.float32) * scale.reshape(shape)
-    info = {"op": node.op, "weight_sqnr_db": round(float(fidelity.measure(w, wq).sqnr_db), 2)}
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if isinstance(bias, gs.Constant) and bias.values.ndim == 1 and len(bias.outputs) == 1 \
-            and attr(node, "beta", 1.0) == 1.0:
-        b = bias.values.astype(np.float32) - (shift if shift is not None else 0.0)
-        if input_scale is None:
-            if shift is not None:
-                rw.set_constant_input(node, 2, b)
-        else:
-            bscale = (np.float32(input_scale) * scale).astype(np.float32) * np.ones(b.shape, np.float32)
-            bq = np.round(b / bscale)
-            if np.abs(bq).max(initial=0) < 2**31 - 1:
-                rw.set_input(node, 2, _dequantized(rw, bias.name, bq.astype(np.int32),
-                                                   QParams(bscale, np.zeros(b.shape, np.int32)), 0))
-            else:
-                rw.set_constant_input(node, 2, b)
-                info["bias"] = "float (int32 would overflow at scale input x weight)"
-    return info
-
-
-def check_unquantized(graph: gs.Graph) -> None:
+def check_unquantized(graph: gs.Graph, minimum_opset: int = 13) -> None:
     """Raises `Refused` when the layers of `graph` may not be quantized at all."""
     if any(n.op == "DequantizeLinear" for n in graph.nodes):
         # Already quantized (by this pass or by training): layers left in float stay there, so a
         # second run, or `keep_float`, never changes what the first one decided.
         raise Refused("graph already has DequantizeLinear (quantized or fake-quant): run fold-qdq, "
                       "or quantize the float model")
-    if opset(graph) < 13:
-        raise Refused(f"opset {opset(graph)} < 13 has no per-axis DequantizeLinear: upgrade the model's opset")
+    if opset(graph) < minimum_opset:
+        what = "per-axis" if minimum_opset == 13 else "int4 or blocked (group_size)"
+        raise Refused(f"opset {opset(graph)} < {minimum_opset} has no {what} DequantizeLinear: upgrade the "
+                      "model's opset (the pass manager does, when it runs the pass)")
 
 
 def _has_weight(node: gs.Node) -> bool:
@@ -246,12 +270,25 @@ def _feeds(graph: gs.Graph, ctx: PassContext) -> dict[str, np.ndarray]:
 
 
 class Quantize(LayerPass):
-    """Post-training int8 quantization (QDQ): per-channel int8 weights, calibrated activations."""
+    """Post-training quantization (QDQ): int8 or int4 weights (nearest or GPTQ), calibrated activations."""
 
     name = "quantize"
     info = PassInfo(LOSSY("cosine", 0.99), opset=(13, PassInfo().opset[1]), requires=frozenset({TOPOSORTED}))
     Options = Options
     ops = QUANTIZED
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.options.weight_bits == 4 or self.options.group_size:
+            # The manager upgrades a model below a pass's minimum opset (verified EXACT), so
+            # declaring opset 21 for these options is what makes int4 and blocks available.
+            self.info = dataclasses.replace(type(self).info, opset=(BLOCKED_OPSET, type(self).info.opset[1]))
+
+    def rounding(self, ctx: PassContext | None) -> str:
+        """The rounding the options choose in this context ('auto' resolved)."""
+        if self.options.rounding != "auto":
+            return self.options.rounding
+        return "gptq" if ctx is not None and ctx.from_data else "nearest"
 
     def candidates(self, graph: gs.Graph) -> list[gs.Node]:
         return [n for n in super().candidates(graph) if _has_weight(n)]
@@ -270,79 +307,97 @@ class Quantize(LayerPass):
 
     def plan(self, layers: list[Layer], graph: gs.Graph, ctx: PassContext,
              result: PassResult) -> list[tuple[Layer, LayerPlan]]:
-        """Calibrate every layer's activations at once, then choose which layers stay float."""
+        """Calibrate every layer's activations at once, quantize every weight, then choose which
+        layers stay float."""
         o = self.options
-        result.stats.update(calibration=o.calibration, activation_type=o.activation_type)
+        rounding = self.rounding(ctx)
+        result.stats.update(mode="static" if o.static else "weight-only", weight_bits=o.weight_bits,
+                            rounding=rounding)
+        if o.static:
+            result.stats.update(calibration=o.calibration, activation_type=o.activation_type)
         try:
-            check_unquantized(graph)
+            check_unquantized(graph, self.info.opset[0])
         except Refused as e:
             for layer in layers:
                 result.refuse(layer.name, e.reason)
             return []
         if not layers:
             return []
-        if ctx.feeds is None:
-            result.stats["warning"] = "no calibration data (--data): calibrated on random inputs; ranges may be wrong"
+        if not ctx.from_data:
+            result.stats["warning"] = ("no calibration data (--data): calibrated on random inputs, so activation "
+                                       "ranges may not match real data; give --data FILE")
         feeds, nodes = _feeds(graph, ctx), [layer.node for layer in layers]
         report = (lambda done, total: ctx.progress("calibration", done, total)) if ctx.progress else None
-        params = calibrated(graph, nodes, feeds, o, report)
+        params = calibrated(graph, nodes, feeds, o, report) if o.static else {}
         result.stats["activations_quantized"] = len(params)
-        choices = self._choose_float(graph, nodes, params, feeds)
-        result.decisions.update({name: c for name, c in choices.items() if c["chosen"] == "float"})
-        chosen = [layer for layer in layers if choices.get(layer.name, {}).get("chosen") != "float"]
-        shifts = bias_shifts(graph, [layer.node for layer in chosen], feeds, o.per_channel) \
-            if o.bias_correction else {}
-        owners, _ = plan_activations(graph, [layer.node for layer in chosen])
-        tensors = graph.tensors()
+        weights, how = self.weights(graph, nodes, feeds, rounding, ctx)
+        choices = self._choose_float(graph, nodes, params, weights, feeds)
+        for name, rounded in how.items():
+            choices.setdefault(name, {})["rounding"] = rounded
+        result.decisions.update({name: c for name, c in choices.items() if c.get("chosen") == "float"})
+        chosen = [layer.node for layer in layers if choices[layer.name].get("chosen") != "float"]
+        shifts = sensitivity.bias_shifts(graph, chosen, weights, feeds) if o.bias_correction else {}
+        plans = layer_plans(graph, chosen, params, weights, shifts, choices)
+        return [(layer, plans[layer.name]) for layer in layers if layer.name in plans]
 
-        def layer_plan(layer: Layer) -> LayerPlan:
-            x = layer.node.inputs[0].name
-            pairs = [(tensors[name], params[name]) for name, owner in owners.items() if owner == layer.name]
-            return LayerPlan(params[x].scale if x in owners else None, pairs, shifts.get(layer.name),
-                             choices.get(layer.name, {}))
-        return [(layer, layer_plan(layer)) for layer in chosen]
+    def weights(self, graph: gs.Graph, nodes: list[gs.Node], feeds: dict[str, np.ndarray], rounding: str,
+                ctx: PassContext | None = None) -> tuple[dict[str, QuantizedWeight], dict[str, str]]:
+        """Every layer's weight as it will be stored, and how it was rounded (GPTQ where the row
+        view covers the layer, from one streamed pass over `feeds`; nearest elsewhere, and why)."""
+        o = self.options
+        layouts = {n.name: Layout.of(n, o.per_channel, o.group_size) for n in nodes}
+        why = {n.name: activations.supported(n) if rounding == "gptq" else "" for n in nodes}
+        fit = [n for n in nodes if why[n.name] is None]
+        stats = {}
+        if fit:
+            progress = ctx.progress if ctx is not None else None
+            report = (lambda done, total: progress("gptq statistics", done, total)) if progress else None
+            stats = activations.statistics(graph, fit, feeds, o.batch_size, progress=report)
+        weights, how = {}, {}
+        for n in nodes:
+            s = stats.get(n.name)
+            if s is None:
+                weights[n.name] = quantize_nearest(n.inputs[1].values.astype(np.float32), layouts[n.name],
+                                                   o.weight_bits, o.scale_method)
+                how[n.name] = f"nearest (gptq: {why[n.name]})" if why[n.name] else "nearest"
+            else:
+                weights[n.name] = quantize_gptq(n, layouts[n.name], o.weight_bits, o.scale_method, s.hessian,
+                                                s.rows_seen, o.damping, o.gptq_block, o.act_order)
+                how[n.name] = "gptq"
+        return weights, how
 
     def _choose_float(self, graph: gs.Graph, layers: list[gs.Node], params: dict[str, QParams],
-                      feeds: dict[str, np.ndarray]) -> dict[str, dict]:
-        """keep_float's choice per layer ("int8" or "float", and why); empty when not asked."""
-        k = self.options.keep_float
-        if k == 0:
-            return {}
-        ranking = layer_sensitivity(graph, layers, params, self.options.per_channel, feeds)
-        worst = sorted(ranking, key=ranking.get)
-        if k == "auto":
-            limit = float(np.median(list(ranking.values()))) - 10.0
-            kept, rule = {name for name in worst if ranking[name] < limit}, f"float below {limit:.2f} dB"
-        else:
-            kept, rule = set(worst[:k]), f"the {k} lowest stay float"
-        return {name: {"chosen": "float" if name in kept else "int8", "sensitivity_sqnr_db": sqnr,
-                       "reason": f"model SQNR {sqnr} dB with only this layer quantized; {rule}"}
-                for name, sqnr in ranking.items()}
+                      weights: dict[str, QuantizedWeight], feeds: dict[str, np.ndarray]) -> dict[str, dict]:
+        """keep_float's choice per layer (quantized or "float", and why); empty dicts when not asked."""
+        o = self.options
+        if o.keep_float == 0:
+            return {n.name: {} for n in layers}
+        ranking = sensitivity.layer_sensitivity(graph, layers, params, weights, feeds)
+        names = {n.name for n in layers}
+
+        def cosine_keeping(kept: set[str]) -> float:
+            return sensitivity.lowest_cosine(graph, quantized_copy(graph, names - kept, params, weights), feeds)
+        return sensitivity.keep_float(o.keep_float, ranking, o.target_cosine, cosine_keeping, f"int{o.weight_bits}")
 
     def rewrite(self, rw: Rewriter, layer: Layer, plan: LayerPlan) -> dict:
-        info = quantize_layer(rw, layer.node, plan.input_scale, self.options.per_channel, plan.shift)
-        for tensor, p in plan.pairs:
-            insert_pair(rw, tensor, p)
-        return {**plan.choice, **info}
+        return apply_plan(rw, layer.node, plan)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        # Exact in float, so the float reference below stays the model's own.
+        rescaled = {**equalize.before_quantize(self, graph, ctx), **smooth.before_quantize(self, graph, ctx)}
         float_graph = graph.copy()
-        result = super().run(graph, ctx)
+        result = dynamic.run(self, graph, ctx) if dynamic.chosen(self.options, graph, ctx) else super().run(graph, ctx)
+        result.stats.update(rescaled)
         if result.modified:
             layer_errors(float_graph, graph, result.decisions, _feeds(float_graph, ctx))
         return result
-
-
-def _sample(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The first ERROR_SAMPLES samples, along the batch axis of the inputs that have one."""
-    return Batching.of(input_specs(graph), feeds).first(feeds, ERROR_SAMPLES)
 
 
 def layer_errors(float_graph: gs.Graph, graph: gs.Graph, decisions: dict[str, dict],
                  feeds: dict[str, np.ndarray]) -> None:
     """Add each layer's output SQNR (quantized model vs float model) to its decision."""
     outputs = {n.name: n.outputs[0].name for n in float_graph.nodes if n.name in decisions}
-    sample = _sample(float_graph, feeds)
+    sample = sensitivity.sample(float_graph, feeds)
     ref = ort.run(cal.with_outputs(float_graph, list(outputs.values())), sample)
     got = ort.run(cal.with_outputs(graph, list(outputs.values())), sample)
     for name, out in outputs.items():
@@ -352,51 +407,13 @@ def layer_errors(float_graph: gs.Graph, graph: gs.Graph, decisions: dict[str, di
 def diagnose(graph: gs.Graph, feeds: dict[str, np.ndarray], options: Options | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Per quantizable layer, worst first: the model's lowest output SQNR (dB) when only that
-    layer (weights and input activation) is quantized, calibrated on `feeds`."""
+    layer (weights as the options round them, and input activation) is quantized, calibrated on
+    `feeds` (the user's data: rounding='auto' is GPTQ)."""
     o = options or Options()
-    layers = [layer.node for layer in Quantize(**vars(o)).select(graph, PassResult(False))]
-    params = calibrated(graph, layers, feeds, o, progress)
-    ranking = layer_sensitivity(graph, layers, params, o.per_channel, feeds)
+    pass_ = Quantize(**vars(o))
+    layers = [layer.node for layer in pass_.select(graph, PassResult(False))]
+    params = calibrated(graph, layers, feeds, o, progress) if o.static else {}
+    ctx = PassContext(feeds=feeds, from_data=True)
+    weights, _ = pass_.weights(graph, layers, feeds, pass_.rounding(ctx), ctx)
+    ranking = sensitivity.layer_sensitivity(graph, layers, params, weights, feeds)
     return dict(sorted(ranking.items(), key=lambda kv: kv[1]))
-
-
-def layer_sensitivity(graph: gs.Graph, layers: list[gs.Node], params: dict[str, QParams], per_channel: bool,
-                      feeds: dict[str, np.ndarray]) -> dict[str, float]:
-    """Lowest output SQNR (dB) of the model with only one layer (weights and input) quantized, per layer."""
-    sample = _sample(graph, feeds)
-    reference = ort.run(graph, sample)
-    ranking = {}
-    for node in layers:
-        copy = graph.copy()
-        target = next(n for n in copy.nodes if n.name == node.name)
-        x = target.inputs[0].name
-        apply_one(copy, target, {x: params[x]} if x in params else {}, per_channel)
-        measured = fidelity.compare(reference, ort.run(copy, sample))
-        ranking[node.name] = round(float(min(m.sqnr_db for m in measured.values())), 2)
-    return ranking
-
-
-def apply_one(graph: gs.Graph, node: gs.Node, params: dict[str, QParams], per_channel: bool) -> None:
-    rw = Rewriter(graph)
-    x = node.inputs[0]
-    quantize_layer(rw, node, params[x.name].scale if x.name in params else None, per_channel)
-    if x.name in params:
-        insert_pair(rw, x, params[x.name])
-    rw.commit()
-
-
-def bias_shifts(graph: gs.Graph, layers: list[gs.Node], feeds: dict[str, np.ndarray],
-                per_channel: bool) -> dict[str, np.ndarray]:
-    """Per layer, the mean per-channel output shift its weight rounding causes (Nagel et al. 2019),
-    measured with only that layer's weights quantized on the calibration samples."""
-    sample = _sample(graph, feeds)
-    shifts = {}
-    for node in [n for n in layers if n.op in ("Conv", "Gemm")]:
-        out = node.outputs[0].name
-        ref = ort.run(cal.with_outputs(graph, [out]), sample)[out]
-        copy = graph.copy()
-        apply_one(copy, next(n for n in copy.nodes if n.name == node.name), {}, per_channel)
-        got = ort.run(cal.with_outputs(copy, [out]), sample)[out]
-        axes = tuple(i for i in range(ref.ndim) if i != 1)
-        shifts[node.name] = (got - ref).mean(axis=axes).astype(np.float32)
-    return shifts

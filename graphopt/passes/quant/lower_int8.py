@@ -8,10 +8,11 @@ Rewrites: QLinearConv, QLinearMatMul, or ConvInteger / MatMulInteger -> Add(bias
 [-> QuantizeLinear]; Relu before Q as Max(y, zero point); pass-through ops on the integers (every
 form, and why: docs/passes/lower-int8.md). Then, with activations="uint8", int8 activations become
 uint8 (shift_uint8.py: values and zero points + 128; weights stay int8, for u8 x s8 kernels).
-Refuses: per-channel activations, uint8 weights or non-zero weight zero points, float or shared
-weights, a bias not int32 at scale input x weight, a scale or zero point computed at run time, Gemm
-with transA, alpha or beta, pass-through ops requantized differently; for uint8, an activation that
-is a graph input or output or meets an op the shift does not know. Refused layers stay valid QDQ.
+Refuses: per-channel activations, uint8 or int4 weights, per-group (blocked) weight scales, non-zero
+weight zero points, float or shared weights, a float input (weight-only quantization), a bias not
+int32 at scale input x weight, a scale or zero point computed at run time, Gemm with transA, alpha
+or beta, pass-through ops requantized differently; for uint8, an activation that is a graph input
+or output or meets an op the shift does not know. Refused layers stay valid QDQ.
 Guarantees: each integer tensor is within one step of the QDQ layer run in float (the same integer
 sums, rounded once); the uint8 shift is exact. The steps compound through depth, so the model's
 outputs are held to TOLERANCE(0, ATOL x max(1, max|y|)). Decisions: each node's form.
@@ -28,7 +29,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from graphopt.ir.errors import PipelineError
-from graphopt.ir.graph import attr, is_graph_output, producer
+from graphopt.ir.graph import attr, is_graph_output, np_dtype, producer
 from graphopt.passes.base import TOLERANCE, Pass, PassContext, PassInfo, PassResult, Refusal, Refused, option
 from graphopt.passes.quant.fold_qdq import QTYPES, QParams, onnx_type, qparams
 from graphopt.passes.quant.shift_uint8 import to_uint8
@@ -115,8 +116,15 @@ def _weight(node: gs.Node, graph: gs.Graph) -> tuple[gs.Constant, QParams]:
         kind = "a float constant" if isinstance(w, gs.Constant) else "computed at run time"
         raise Refused(f"weight '{w.name}' is {kind}, not an int8 constant behind DequantizeLinear")
     wq = dq.inputs[0]
-    if not isinstance(wq, gs.Constant) or wq.values.dtype != np.int8:
-        raise Refused(f"weight '{wq.name}' is not an int8 constant (integer kernels take int8 weights)")
+    # The type is read from the tensor, not its values: reading an INT4 constant's values turns it
+    # into a numpy array graphsurgeon can no longer export.
+    if not isinstance(wq, gs.Constant) or np_dtype(wq.dtype) != np.int8:
+        what = np_dtype(wq.dtype).name if isinstance(wq, gs.Constant) else "computed at run time"
+        raise Refused(f"weight '{wq.name}' is {what}: not an int8 constant (integer kernels take int8 weights; "
+                      "int4 weights stay behind DequantizeLinear, which onnxruntime runs)")
+    if dq.attrs.get("block_size", 0):
+        raise Refused(f"weight '{wq.name}' has a scale per group of inputs (block_size); integer kernels take "
+                      "one scale per output channel")
     if len(w.outputs) != 1 or len(wq.outputs) != 1 or is_graph_output(graph, w) or is_graph_output(graph, wq):
         raise Refused(f"weight '{wq.name}' is shared with another node")
     if (node.op == "Conv" and wq.values.ndim < 3) or (node.op != "Conv" and wq.values.ndim != 2):
@@ -335,6 +343,7 @@ class LowerInt8(Pass):
                  Rule("integer-pass-through", PASS_THROUGH, match_pass_through, recorded(lower_pass_through)))
         applied = apply_rules(graph, rules)
         result.refused = [Refusal(node, reason, rule) for (node, rule), reason in applied.refused.items()]
+        result.refused += run_time_quantized(graph)
         shifted = 0
         if self.options.activations == "uint8":
             shifted, kept = to_uint8(graph)
@@ -342,6 +351,15 @@ class LowerInt8(Pass):
         result.modified = applied.modified or shifted > 0
         result.stats = {"uint8_activations": shifted, "float_ops": float_ops(graph)}
         return result
+
+
+def run_time_quantized(graph: gs.Graph) -> list[Refusal]:
+    """The layers quantize(mode=dynamic) writes (MatMulInteger / ConvInteger of a DynamicQuantizeLinear
+    output): integer already, their activation scale known only at run time, so nothing to lower."""
+    return [Refusal(n.name, f"already integer: {n.op} of a DynamicQuantizeLinear output (dynamic quantization, "
+                            "activation scale computed at run time): nothing to lower", "dynamic")
+            for n in graph.nodes if n.op in ("MatMulInteger", "ConvInteger")
+            and (p := producer(n.inputs[0])) is not None and p.op == "DynamicQuantizeLinear"]
 
 
 def float_ops(graph: gs.Graph) -> dict[str, int]:

@@ -10,7 +10,7 @@ from graphopt.ir import io, ort
 from graphopt.ir.errors import PipelineError
 from graphopt.optimize import optimize
 from graphopt.passes.pipeline import Pipeline
-from graphopt.passes.base import PassResult
+from graphopt.passes.base import PassContext, PassResult
 from graphopt.passes.manager import PassManager
 from graphopt.passes.prune.magnitude import PruneMagnitude, budget_counts, global_counts, zero_smallest
 from graphopt.testing import builders
@@ -195,6 +195,13 @@ def digits_accuracy(graph) -> float:
     return float(np.mean(ort.run(graph, {"x": data["x"]})["logits"].argmax(1) == data["y"]))
 
 
+def digits(passes: str) -> tuple[float, float]:
+    """Test accuracy and held-aside logits cosine after `passes` with the digits calibration data
+    (min_cosine=0: the tests compare the losses, the gate would stop the bad ones first)."""
+    done = optimize(DIGITS, passes, data=DIGITS_CALIB, latency=False, min_cosine=0.0)
+    return digits_accuracy(done.graph), done.report["fidelity"]["outputs"]["logits"]["cosine"]
+
+
 def test_digits_half_sparsity_keeps_accuracy_and_compresses(tmp_path):
     original = io.load(DIGITS)
     result = optimize(original, "prune-magnitude(sparsity=0.5)", data=DIGITS_CALIB, latency=False)
@@ -210,9 +217,111 @@ def test_digits_half_sparsity_keeps_accuracy_and_compresses(tmp_path):
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.8])
 def test_digits_sensitivity_allocation_beats_uniform(sparsity):
-    original = io.load(DIGITS)
-    acc = {alloc: digits_accuracy(optimize(original, f"prune-magnitude(sparsity={sparsity},allocation='{alloc}')",
-                                           data=DIGITS_CALIB, latency=False).graph)
+    acc = {alloc: digits(f"prune-magnitude(sparsity={sparsity},allocation='{alloc}',method='magnitude')")[0]
            for alloc in ("uniform", "sensitivity")}
-    assert acc["sensitivity"] >= digits_accuracy(original) - 0.01
+    assert acc["sensitivity"] >= digits_accuracy(io.load(DIGITS)) - 0.01
     assert acc["sensitivity"] >= acc["uniform"]
+
+
+@pytest.mark.parametrize("sparsity,drop", [(0.5, 0.003), (0.8, 0.02)])
+def test_digits_data_aware_default_beats_the_weights_only_methods(sparsity, drop):
+    # With --data the default is SparseGPT with sensitivity allocation: within the issue's targets
+    # of the original's accuracy (0.3 points at 50%, 2 at 80%), ahead of the old default
+    # (magnitude, uniform) in accuracy, and closer to the original's logits than magnitude with the
+    # same allocation.
+    canonical = "canonicalize,prune-magnitude"
+    new_acc, new_cos = digits(f"{canonical}(sparsity={sparsity})")
+    old_acc, _ = digits(f"{canonical}(sparsity={sparsity},method=magnitude,allocation=uniform)")
+    _, magnitude_cos = digits(f"{canonical}(sparsity={sparsity},method=magnitude,allocation=sensitivity)")
+    assert new_acc >= digits_accuracy(io.load(DIGITS)) - drop
+    assert new_acc > old_acc and new_cos > magnitude_cos
+
+
+def correlated(shape: tuple[int, ...], axis: int, seed: int = 0) -> np.ndarray:
+    """Inputs whose features along `axis` are mixed and scaled unevenly: what magnitude cannot see."""
+    rng = np.random.default_rng(seed)
+    k = shape[axis]
+    x = np.moveaxis(rng.standard_normal(shape), axis, -1)
+    x = x @ (rng.standard_normal((k, k)) * 0.4 + np.eye(k)) * rng.uniform(0.1, 3.0, k)
+    return np.moveaxis(x, -1, axis).astype(np.float32)
+
+
+LAYERS = {
+    # name: (model, calibration input)
+    "gemm transB": (model([node("Gemm", ["x", "w", "b"], ["y"], name="layer", transB=1)], {"x": (256, 32)},
+                          {"y": None}, {"w": rng_array((24, 32), 1), "b": rng_array((24,), 2)}),
+                    correlated((256, 32), 1)),
+    "grouped conv": (model([node("Conv", ["x", "w"], ["y"], name="layer", group=2, pads=[1, 1, 1, 1])],
+                           {"x": (8, 8, 6, 6)}, {"y": None}, {"w": rng_array((6, 4, 3, 3), 3)}),
+                     correlated((8, 8, 6, 6), 1)),
+    "matmul": (model([node("MatMul", ["x", "w"], ["y"], name="layer")], {"x": (4, 64, 32)}, {"y": None},
+                     {"w": rng_array((32, 16), 4)}), correlated((4, 64, 32), 2)),
+}
+
+
+def run_with_data(m: onnx.ModelProto, pass_, x: np.ndarray) -> tuple[gs.Graph, PassResult]:
+    graph = gs.import_onnx(m)
+    record = PassManager([pass_]).run(graph, PassContext(feeds={"x": x}, from_data=True))[0]
+    return graph, record.result
+
+
+@pytest.mark.parametrize("case", LAYERS)
+def test_data_aware_methods_cut_the_layer_output_error_on_the_calibration_rows(case):
+    m, x = LAYERS[case]
+    reference = ort.run(m, {"x": x})["y"]
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        graph, result = run_with_data(m, PruneMagnitude(sparsity=0.5, method=method, allocation="uniform"), x)
+        decision = result.decisions["layer"]
+        assert decision["method"] == method and decision["zeros"] == round(0.5 * decision["params"])
+        errors[method] = float(np.linalg.norm(ort.run(graph, {"x": x})["y"] - reference) / np.linalg.norm(reference))
+    assert errors["sparsegpt"] < 0.8 * errors["magnitude"] and errors["wanda"] < errors["magnitude"], errors
+
+
+def test_the_method_and_allocation_default_to_sparsegpt_and_sensitivity_only_with_data():
+    m, x = LAYERS["gemm transB"]
+    _, result = run_with_data(m, PruneMagnitude(), x)
+    assert (result.stats["method"], result.stats["allocation"]) == ("sparsegpt", "sensitivity")
+    assert result.decisions["layer"]["method"] == "sparsegpt" and "sensitivity" in result.stats
+    graph = gs.import_onnx(m)
+    result = PassManager([PruneMagnitude()]).run(graph, PassContext(feeds={"x": x}))[0].result
+    assert (result.stats["method"], result.stats["allocation"]) == ("magnitude", "uniform")
+    assert str(Pipeline.parse("prune-magnitude(method=wanda,damping=0.1,block_size=64)")) == \
+        "prune-magnitude(method='wanda',damping=0.1,block_size=64)"
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("builder", ["resnet", "transformer"])
+def test_data_aware_methods_on_builders_are_exact_in_count_and_idempotent(builder, method):
+    # check_pass runs the pass a second time: the zeros it finds are the ones it would choose.
+    graph, result, worst = check_pass(BUILDERS[builder](), PruneMagnitude(sparsity=0.5, method=method,
+                                                                         prune_bias=True))
+    assert min(worst.values()) >= BOUND
+    assert all(d["zeros"] == round(0.5 * d["params"]) for d in result.decisions.values())
+    assert {d["method"] for d in result.decisions.values()} == {method}
+
+
+def test_layers_the_row_view_does_not_cover_fall_back_to_magnitude():
+    nodes = [node("ConvTranspose", ["x", "w"], ["t"], name="up"), node("Flatten", ["t"], ["t2"], name="flat"),
+             node("Gemm", ["c", "t2"], ["y"], name="const_a", transB=1)]
+    w = {"w": rng_array((4, 2, 2, 2), 1), "c": rng_array((3, 8), 2)}
+    m = model(nodes, {"x": (1, 4, 1, 1)}, {"y": None}, w)
+    graph, result = run_with_data(m, PruneMagnitude(method="sparsegpt", allocation="uniform"),
+                                   rng_array((1, 4, 1, 1), 3))
+    fallbacks = {name: d["fallback"] for name, d in result.decisions.items()}
+    assert {d["method"] for d in result.decisions.values()} == {"magnitude"}
+    assert "ConvTranspose is not one of" in fallbacks["up"] and "constant operand is A" in fallbacks["const_a"]
+    assert all(d["zeros"] == round(0.5 * d["params"]) for d in result.decisions.values())
+
+
+def test_method_options_are_checked():
+    with pytest.raises(PipelineError, match="prune-magnitude: method='obs' must be one of"):
+        PruneMagnitude(method="obs")
+    with pytest.raises(PipelineError, match="prune-magnitude: damping=0"):
+        PruneMagnitude(damping=0)
+    with pytest.raises(PipelineError, match="prune-magnitude: block_size=0"):
+        PruneMagnitude(block_size=0)
+    with pytest.raises(PipelineError, match="allocation='even' must be one of"):
+        PruneMagnitude(allocation="even")
+    with pytest.raises(PipelineError, match="measures method=magnitude"):
+        PruneMagnitude(method="wanda").apply_layer(gs.import_onnx(builders.mlp()), None, 0.5)
