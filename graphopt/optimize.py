@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import fidelity, io, ort
 from graphopt.ir.data import (Batching, InputSpec, Split, check_feeds, hold_aside, input_specs, is_static, load_data,
                               random_feeds)
-from graphopt.ir.errors import DataError, GraphoptError
+from graphopt.ir.errors import DataError, GraphoptError, ModelError, RuntimeRejected, VerificationError
 from graphopt.ir.graph import infer_shapes
 from graphopt.ir.shapes import Shapes, check_input_shapes, specialize_in_place
 from graphopt.passes.base import Pass, PassContext
@@ -39,7 +39,8 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
              instruments: tuple[Instrument, ...] = (), seed: int = 0, latency: bool = True,
              target_timer: Callable[[onnx.ModelProto, dict[str, np.ndarray]], float] | None = None,
              input_shapes: Shapes | None = None, static: bool = False, opset: int | None = None,
-             max_drop: float | None = None, min_cosine: float | None = None) -> Optimized:
+             max_drop: float | None = None, min_cosine: float | None = None,
+             phase: Callable[[str], None] | None = None) -> Optimized:
     """Run `passes` on `model` (a path or a graph, which is not modified) and report sizes, MACs,
     per-pass stats, fidelity against the original in onnxruntime and, when asked, onnxruntime
     latency before and after (one sample, median of 20 runs). `target_timer` times a model on the
@@ -54,7 +55,9 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
     Data (`data`, with labels `y` when it has them) is split: passes calibrate on one half, and
     fidelity, top-1 accuracy and the gate are measured on the other (graphopt.passes.gate): a pass
     that drops top-1 by more than `max_drop` points, leaves an output below `min_cosine`, or (with
-    neither given) misses its own LOSSY bound raises GateError."""
+    neither given) misses its own LOSSY bound raises GateError. `phase` is told (one line) when a
+    long step that is not a pass starts: the original model's reference run, the timing."""
+    phase = phase or (lambda line: None)
     where = str(model) if isinstance(model, (str, os.PathLike)) else ""
     graph = io.load(model) if where else model.copy()
     pipeline = Pipeline.parse(passes) if isinstance(passes, str) else Pipeline(passes)
@@ -65,6 +68,7 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
     shapes = _analysis_shapes(specs, feeds, data is not None, input_shapes or {})
     during, written = _static_shapes(specs, feeds, shapes, input_shapes or {}, where) if static else ({}, {})
     # Measured before the passes run, so no copy of the original weights is kept.
+    phase(f"running the original model on {split.held_samples} sample(s) for reference")
     reference = _reference(graph, feeds, data is not None, where)
     gate = Gate(reference, split.labels, max_drop, min_cosine, split.held_samples)
     before = summarize(infer_shapes(graph), shapes=shapes)
@@ -73,15 +77,21 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
     if static:
         specialize_in_place(graph, during)
     sample = one_sample(graph, feeds)
-    latency_before = ort.latency_ms(graph, sample) if latency else None
+    if latency:
+        phase("timing the original model in onnxruntime")
+    latency_before = ort.measure_latency(graph, sample) if latency else None
     checks = (FidelityInstrument(reference, feeds, gate, enforce=verify),) if verify or gate.user_set else ()
     records = PassManager(pipeline, verify=verify, instruments=checks + tuple(instruments)).run(
         graph, PassContext(feeds=split.calibration, from_data=data is not None, seed=seed, verify=verify,
                            latency=target_timer))
     after = summarize(infer_shapes(graph), shapes=shapes)
     final = ort.run(graph, feeds)
+    broken = fidelity.turned_non_finite(reference, final)
+    if broken:  # with --no-verify no pass was checked on its own: the pipeline is named instead
+        raise VerificationError(f"the pipeline '{pipeline}' turned output '{broken}' NaN/Inf where the original's "
+                                f"is finite; nothing written")
     measured = fidelity.compare(reference, final)
-    latency_after = ort.latency_ms(graph, sample) if latency else None
+    latency_after = ort.measure_latency(graph, sample) if latency else None
     if static:
         specialize_in_place(graph, written)
     report = {
@@ -106,7 +116,9 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
     if static:
         report["static"] = True
     if latency:
-        report["latency_ms"] = {"onnxruntime": {"before": round(latency_before, 4), "after": round(latency_after, 4)}}
+        report["latency_ms"] = {"onnxruntime": {
+            "before": round(latency_before.median_ms, 4), "after": round(latency_after.median_ms, 4),
+            "spread_pct": {"before": round(latency_before.spread_pct, 1), "after": round(latency_after.spread_pct, 1)}}}
     return Optimized(graph, report, feeds, reference)
 
 
@@ -120,7 +132,7 @@ def _data(specs: list[InputSpec], data, seed: int, input_shapes: Shapes | None, 
     """The calibration and held-aside parts of `data` (an npz/folder path, or {input: array} with
     an optional "y" of labels); random inputs serve as both."""
     if data is None:
-        feeds = random_feeds(specs, seed, shapes=input_shapes)
+        feeds = random_feeds(specs, seed, shapes=input_shapes, source=where or "model")
         samples = Batching.of(specs, feeds).samples
         return Split(feeds, feeds, None, samples, samples, shared=True)
     if isinstance(data, dict):
@@ -184,14 +196,25 @@ def _reference(graph: gs.Graph, feeds: dict[str, np.ndarray], from_data: bool, w
     """The original model's outputs; random inputs whose symbolic dims were set to 1 may not run,
     and then the way out is to give the dims."""
     try:
-        return ort.run(graph, feeds)
+        outputs = ort.run(graph, feeds)
     except GraphoptError as e:
         symbolic = [f"{s.name} [{', '.join(map(str, s.shape))}]" for s in input_specs(graph)
                     if s.shape and any(not is_static(d) for d in s.shape[1:])]
+        if (from_data or not symbolic) and isinstance(e, RuntimeRejected) and where:
+            # The user's own model, before any pass: a fault of the file, named by its node.
+            raise ModelError(where, f"onnxruntime {'rejects' if e.loading else 'fails on'} it: {e.what}", e.node
+                             ) from None
         if from_data or not symbolic:
             raise
         raise DataError(f"{where or 'model'}: random inputs with the symbolic dims of {', '.join(symbolic)} set "
                         f"to 1 do not run ({e}); give --input-shape NAME=D0,D1,... or --data") from None
+    bad = fidelity.first_non_finite(outputs)
+    if bad:
+        inputs = "the data" if from_data else "random inputs"
+        raise DataError(f"{where or 'model'}: the original model's output '{bad}' holds NaN/Inf on {inputs}; "
+                        "passes cannot be measured against it (check the model, or give --data it computes "
+                        "finite outputs on)")
+    return outputs
 
 
 def _upgrade(graph: gs.Graph, version: int, feeds: dict[str, np.ndarray]) -> gs.Graph:

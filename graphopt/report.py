@@ -1,9 +1,14 @@
-"""What a model is made of (parameters, bytes, MACs per layer, ops) and the optimize report."""
+"""What a model is made of (parameters, bytes, MACs per layer, ops) and the optimize report.
+
+report.json is strict JSON (RFC 8259): a float JSON cannot hold (the SQNR of identical outputs is
+inf, a NaN) is written as null, so any reader parses it; `write_json` refuses to write anything
+else. report.html, the page people open, is graphopt.report_html's.
+"""
 from __future__ import annotations
 
 import json
+import math
 import re
-from html import escape
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +29,8 @@ _ZLIB_LEVEL = 6
 
 def summarize(graph: gs.Graph, layers: bool = False, shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
     """params, size_bytes (serialized), compressed_bytes (serialized, then zlib level 6; None over
-    2 GiB), sparsity (fraction of zeros among the floating-point constants), macs and an ops
+    2 GiB), sparsity (fraction of zeros among the floating-point constants and the quantized
+    weights, where zero is the zero point), macs and an ops
     histogram; per-layer MACs, parameters and sparsity when asked.
 
     MACs need shapes: with `shapes` (concrete input shapes) they are counted on the graph
@@ -35,6 +41,7 @@ def summarize(graph: gs.Graph, layers: bool = False, shapes: dict[str, tuple[int
     sized = specialize(graph, shapes) if shapes is not None else graph
     constants = {id(t): t for t in sized.tensors().values() if isinstance(t, gs.Constant)}
     zeros = {key: _zeros(t) for key, t in constants.items()}
+    zeros.update(_quantized_zeros(sized))
     per_layer = [_layer(n, zeros) for n in sized.nodes]
     floats, zero = (sum(z[i] for z in zeros.values()) for i in (0, 1))
     # Counted on the file as it is streamed out, so a 3 GB model is never one protobuf in memory.
@@ -82,6 +89,44 @@ def _zeros(tensor: gs.Constant) -> tuple[int, int]:
     return int(values.size), int(values.size - np.count_nonzero(values))
 
 
+# Where integer ops read their quantized weight and its zero point: (weight, zero point) inputs.
+_INTEGER_WEIGHTS = {"DequantizeLinear": (0, 2), "QLinearConv": (3, 5), "QLinearMatMul": (3, 5),
+                    "ConvInteger": (1, 3), "MatMulInteger": (1, 3)}
+
+
+def _quantized_zeros(graph: gs.Graph) -> dict[int, tuple[int, int]]:
+    """(elements, zeros) of the integer weights of quantized ops, a zero being a value at its zero
+    point (what a pruned weight quantizes to), so sparsity survives quantize and lower-int8."""
+    found = {}
+    for node in graph.nodes:
+        w, z = _INTEGER_WEIGHTS.get(node.op, (None, None))
+        q = node.inputs[w] if w is not None and len(node.inputs) > w else None
+        if not isinstance(q, gs.Constant) or np.issubdtype(np_dtype(q.dtype), np.floating):
+            continue
+        values = np.asarray(q.values)
+        zero = node.inputs[z] if len(node.inputs) > z and isinstance(node.inputs[z], gs.Constant) else None
+        point = _broadcast_zero_point(node, values, None if zero is None else np.asarray(zero.values))
+        if point is not None:
+            found[id(q)] = (int(values.size), int(np.count_nonzero(values == point)))
+    return found
+
+
+def _broadcast_zero_point(node: gs.Node, values: np.ndarray, point: np.ndarray | None) -> np.ndarray | None:
+    """The zero point shaped to compare with `values`, or None where its layout is not a scalar or
+    one value per channel (blocked zero points are left uncounted)."""
+    if point is None or point.size == 1:
+        return np.zeros((), values.dtype) if point is None else point.reshape(())
+    if point.ndim != 1 or values.ndim < 1 or node.attrs.get("block_size", 0):
+        return None
+    if node.op == "DequantizeLinear":
+        axis = int(node.attrs.get("axis", 1)) % values.ndim
+    else:  # a conv's output channels lead its weight; a matmul's columns end it
+        axis = 0 if node.op in ("QLinearConv", "ConvInteger") else values.ndim - 1
+    if values.shape[axis] != point.size:
+        return None
+    return point.reshape([-1 if a == axis else 1 for a in range(values.ndim)])
+
+
 def _layer(node: gs.Node, zeros: dict[int, tuple[int, int]]) -> dict:
     consts = [t for t in node.inputs if isinstance(t, gs.Constant)]
     params = sum(count(t.shape) for t in consts)
@@ -91,22 +136,40 @@ def _layer(node: gs.Node, zeros: dict[int, tuple[int, int]]) -> dict:
 
 
 def write_json(report: dict, path: Path) -> None:
-    """Write atomically so a reader never sees half a report."""
+    """Write strict JSON atomically (a reader never sees half a report): non-finite floats (an
+    SQNR of inf for identical outputs, a NaN) become null, numpy values plain numbers, and
+    `allow_nan=False` makes anything that slips past that an error here, not in a reader."""
+    text = json_text(report, 2)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+    tmp.write_text(text + "\n")
     tmp.replace(path)
 
 
-def _jsonable(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
+def strict_json(value):
+    """`value` with every float that JSON cannot hold (inf, -inf, NaN) as None, numpy scalars and
+    arrays as Python numbers and lists, tuples and sets as lists."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [strict_json(v) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return str(value)
+        return strict_json(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def json_text(value, indent: int | None = None) -> str:
+    """`value` as strict JSON text (see `strict_json`); anything still not JSON is an error here."""
+    return json.dumps(strict_json(value), indent=indent, default=_jsonable, allow_nan=False)
+
+
+def _jsonable(value):
+    return str(value)  # what strict_json leaves: paths, enums and the like
 
 
 def format_summary(summary: dict) -> str:
@@ -114,8 +177,8 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"params      {summary['params']:,}",
         f"size        {summary['size_bytes']:,} bytes",
-        f"compressed  {_maybe(summary.get('compressed_bytes'))} bytes (zlib level 6)",
-        f"sparsity    {summary.get('sparsity', 0.0):.2%} of floating-point weights are zero",
+        f"compressed  {thousands(summary.get('compressed_bytes'))} bytes (zlib level 6)",
+        f"sparsity    {summary.get('sparsity', 0.0):.2%} of weights are zero (quantized ones: at their zero point)",
         f"MACs        {summary['macs']:,}{_macs_note(summary)}",
         f"nodes       {summary['nodes']}",
         "inputs      " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in summary["inputs"]),
@@ -139,49 +202,6 @@ def _macs_note(summary: dict) -> str:
     if summary.get("input_shapes"):
         return "  at " + ", ".join(f"{k}={','.join(map(str, v))}" for k, v in summary["input_shapes"].items())
     return ""
-
-
-def write_html(report: dict, path: Path) -> None:
-    """A one-page, dependency-free view of report.json."""
-    parts = [f"<h1>graphopt report: {escape(str(report.get('model', '')))}</h1>",
-             f"<p>pipeline: <code>{escape(report.get('pipeline') or '(none)')}</code></p>",
-             _table(["", "before", "after"], [[k, _cell(k, report["before"]), _cell(k, report["after"])]
-                                             for k in ("params", "size_bytes", "compressed_bytes", "sparsity",
-                                                       "macs", "nodes")])]
-    if "latency_ms" in report:
-        lat = report["latency_ms"]["onnxruntime"]
-        parts.append(_table(["onnxruntime latency (ms)", "before", "after"],
-                            [["one sample, median", f"{lat['before']:.4f}", f"{lat['after']:.4f}"]]))
-    parts.append("<h2>Passes</h2>" + _table(
-        ["pass", "modified", "seconds", "decisions", "refused", "skipped", "stats"],
-        [[p["name"], str(p["modified"]), f"{p['seconds']:.3f}", str(len(p.get("decisions", {}))),
-          str(len(p.get("refused", []))), str(len(p.get("skipped", []))),
-          f"<pre>{escape(json.dumps(p['stats'], indent=1, default=_jsonable))}</pre>"] for p in report["passes"]],
-        raw_last=True))
-    for p in report["passes"]:
-        if "sensitivity" in p["stats"]:
-            parts.append(f"<h2>Sensitivity: {escape(p['name'])}</h2>" + sensitivity_html(p["stats"]["sensitivity"]))
-        choices = choices_table(p)
-        if choices:
-            parts.append(f"<h2>Choices: {escape(p['name'])}</h2>" + choices)
-        if p.get("refused"):
-            parts.append(f"<h2>Refused: {escape(p['name'])}</h2>" + _table(
-                ["node", "reason"], [[r["node"], r["reason"]] for r in p["refused"]]))
-    parts.append("<h2>Fidelity vs the original (onnxruntime)</h2>" + _fidelity(report["fidelity"]["outputs"]))
-    codegen = report.get("codegen")
-    if codegen:
-        parts.append(f"<h2>Library: {escape(codegen['target'])}</h2><p>{escape(codegen['library'])}, "
-                     f"built in {codegen['build_seconds']:.1f} s</p>")
-        if "fidelity" in codegen:
-            parts.append(_fidelity(codegen["fidelity"]) + f"<p>latency {codegen['latency_ms']:.4f} ms</p>")
-        if "not_run" in codegen:
-            parts.append(f"<p>not run: {escape(codegen['not_run'])}</p>")
-    style = "body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px 8px}" \
-            "table{border-collapse:collapse;margin:1em 0}pre{margin:0;font-size:11px}"
-    html = f"<!doctype html><meta charset=utf-8><title>graphopt report</title><style>{style}</style>" + "".join(parts)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(html)
-    tmp.replace(path)
 
 
 def pass_outcome(record: dict, groups: int = 3) -> str | None:
@@ -231,26 +251,8 @@ def choices(record: dict) -> dict[str, dict]:
     return {k: v for k, v in record.get("decisions", {}).items() if "chosen" in v}
 
 
-def choices_table(record: dict) -> str:
-    """`choices` as an HTML table: layer, choice, the time of each candidate and why; empty when
-    the pass chose nothing."""
-    layers = choices(record)
-    if not layers:
-        return ""
-    candidates = list(dict.fromkeys(c for v in layers.values() for c in v.get("timings_ms", {})))
-    rows = [[name, v["chosen"], *(_maybe(v.get("timings_ms", {}).get(c)) for c in candidates), v.get("reason", "")]
-            for name, v in layers.items()]
-    return _table(["layer", "chosen", *(f"{c} ms" for c in candidates), "why"], rows)
-
-
-def _cell(key: str, summary: dict) -> str:
-    value = summary.get(key)
-    if value is None:
-        return "n/a"
-    return f"{value:.2%}" if key == "sparsity" else f"{value:,}"
-
-
-def _maybe(value) -> str:
+def thousands(value) -> str:
+    """An integer with thousands separators, or n/a for None."""
     return "n/a" if value is None else f"{value:,}"
 
 
@@ -274,60 +276,3 @@ def format_sensitivity(table: dict) -> str:
     return "\n".join(lines)
 
 
-def sensitivity_html(table: dict) -> str:
-    """An inline SVG of cosine against ratio, one line per layer, and the table under it."""
-    ratios = table["ratios"]
-    head = ["layer", "op", "size"] + [f"cosine @ {r:g}" for r in ratios]
-    with_acc = table.get("baseline_accuracy") is not None
-    if with_acc:
-        head += [f"accuracy @ {r:g}" for r in ratios]
-    rows = [[layer["name"], layer["op"], f"{layer['size']:,}"] + [f"{p['cosine']:.6f}" for p in layer["points"]]
-            + ([f"{p['accuracy']:.4f}" for p in layer["points"]] if with_acc else []) for layer in table["layers"]]
-    note = f"<p>baseline accuracy {table['baseline_accuracy']:.4f}</p>" if with_acc else ""
-    return _svg_plot(table["layers"]) + note + _table(head, rows)
-
-
-_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-            "#17becf")
-
-
-def _svg_plot(layers: list[dict], width: int = 560, height: int = 260, margin: int = 40) -> str:
-    lowest = min([p["cosine"] for layer in layers for p in layer["points"]] + [0.99])
-    bottom = np.floor(lowest * 20) / 20  # a round axis minimum, in steps of 0.05
-
-    def xy(ratio: float, cosine: float) -> str:
-        x = margin + ratio * (width - 2 * margin)
-        y = margin + (1 - cosine) / (1 - bottom) * (height - 2 * margin)
-        return f"{x:.1f},{y:.1f}"
-
-    lines, legend = [], []
-    for i, layer in enumerate(layers):
-        colour = _COLOURS[i % len(_COLOURS)]
-        points = " ".join(xy(p["ratio"], p["cosine"]) for p in [{"ratio": 0.0, "cosine": 1.0}] + layer["points"])
-        lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{points}"/>')
-        legend.append(f'<text x="{width + 4}" y="{margin + 14 * i}" fill="{colour}" font-size="11">'
-                      f'{escape(layer["name"])}</text>')
-    axes = (f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" y2="{height - margin}" stroke="#999"/>'
-            f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" stroke="#999"/>'
-            f'<text x="{width / 2}" y="{height - 8}" font-size="11" text-anchor="middle">ratio</text>'
-            f'<text x="4" y="{margin - 8}" font-size="11">cosine</text>'
-            f'<text x="{margin - 4}" y="{margin + 4}" font-size="10" text-anchor="end">1</text>'
-            f'<text x="{margin - 4}" y="{height - margin}" font-size="10" text-anchor="end">{bottom:g}</text>'
-            f'<text x="{width - margin}" y="{height - margin + 14}" font-size="10" text-anchor="middle">1</text>')
-    tall = max(height, margin + 14 * len(layers))  # room for the legend
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 160}" height="{tall}">'
-            + axes + "".join(lines) + "".join(legend) + "</svg>")
-
-
-def _fidelity(outputs: dict) -> str:
-    return _table(["output", "max abs error", "cosine", "SQNR (dB)"],
-                  [[name, f"{f['max_abs']:.3g}", f"{f['cosine']:.6f}", f"{f['sqnr_db']:.1f}"]
-                   for name, f in outputs.items()])
-
-
-def _table(header: list[str], rows: list[list[str]], raw_last: bool = False) -> str:
-    def cells(row, tag):
-        return "".join(f"<{tag}>{c if raw_last and i == len(row) - 1 else escape(c)}</{tag}>"
-                       for i, c in enumerate(row))
-    body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)
-    return f"<table><tr>{cells(header, 'th')}</tr>{body}</table>"

@@ -69,8 +69,65 @@ def test_refuses_to_overwrite_input(tmp_path):
     model = tmp_path / "model.opt.onnx"
     model.write_bytes(DIGITS.read_bytes())
     r = graphopt("optimize", model, "-o", tmp_path)
-    assert r.returncode != 0 and "overwrite the input" in r.stderr
+    assert r.returncode == 2 and r.stderr == (f"graphopt: error: {model}: -o {tmp_path} would overwrite the input "
+                                              f"with model.opt.onnx; choose another folder\n")
     assert model.read_bytes() == DIGITS.read_bytes()
+
+
+def test_help_has_the_exit_code_table_and_loads_nothing_heavy():
+    code = ("import sys\nfrom graphopt.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0\nheavy = ('numpy', 'onnx', 'onnxruntime', 'onnx_graphsurgeon', 'numba', 'tvm')\n"
+            "print('loaded:', *sorted(m for m in heavy if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "loaded:", r.stdout + r.stderr
+    for row in ("0    success", "1    the work failed", "2    bad input or usage", "3    internal error",
+                "4    the quality gate", "130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM", "141  stdout"):
+        assert f"\n  {row}" in r.stdout, row
+
+
+def test_every_argument_of_the_jobs_has_help():
+    import argparse
+
+    from graphopt.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("optimize", "compile", "tune"):
+        for action in commands[name]._actions:
+            assert action.help, (name, action.dest)
+        text = commands[name].format_help()
+        assert "--time-budget T" in text and "--tune-seconds" not in text and "exit codes:" in text
+
+
+def test_tune_seconds_is_a_deprecated_alias_of_time_budget(capsys):
+    from graphopt.cli import build_parser
+
+    args = build_parser().parse_args(["compile", "m.onnx", "--target", "x86", "-o", "o", "--tune-seconds", "2m"])
+    assert args.time_budget == 120
+    assert capsys.readouterr().err == "graphopt: warning: --tune-seconds is deprecated; use --time-budget\n"
+    assert build_parser().parse_args(["tune", "m", "--target", "x86", "--db", "d", "--time-budget", "90"]).time_budget == 90
+
+
+@pytest.mark.parametrize("seed, expected", [("0", 0), ("-1", 2**32 - 1), (str(2**32 + 5), 5), ("7", 7)])
+def test_any_integer_seed_is_taken_modulo_2_32(seed, expected):
+    from graphopt.cli import build_parser
+
+    for command in (["optimize", "m", "-o", "o"], ["compile", "m", "--target", "x86", "-o", "o"],
+                    ["verify", "a", "b"], ["sensitivity", "m"], ["quant-debug", "m"]):
+        assert build_parser().parse_args([*command, "--seed", seed]).seed == expected
+
+
+def test_a_negative_seed_runs(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "optimize", DIGITS, "--seed", "-1", "-o", tmp_path / "out", "-q")
+    assert code == 0 and err == ""
+
+
+def test_a_closed_stdout_ends_quietly():
+    """`graphopt inspect MODEL --json | head -1`: exit 141 as a shell reports SIGPIPE, nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "graphopt.cli", "inspect", str(DIGITS), "--json"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader has gone before the first write
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""
 
 
 def test_inspect_table_and_json():

@@ -1,37 +1,124 @@
-"""The `graphopt` command line: the only package that prints or parses arguments."""
+"""The `graphopt` command line: the only package that prints or parses arguments.
+
+Imports here are the standard library's only: the commands (graphopt.cli.jobs, graphopt.cli.inspect)
+import onnx, onnxruntime, numba and TVM, which take seconds, when they run; `graphopt --help`
+needs none of it.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
 import os
+import signal
 import sys
 
-from onnx_graphsurgeon.logger import G_LOGGER as gs_logger
-
 from graphopt import __version__
-from graphopt.cli.inspect import cmd_inspect, cmd_passes, cmd_quant_debug, cmd_sensitivity, cmd_verify
-from graphopt.cli.jobs import cmd_compile, cmd_optimize, cmd_tune
-from graphopt.codegen import targets
-from graphopt.ir.errors import DataError, GraphoptError, PipelineError
+from graphopt.ir.errors import GraphoptError
+
+EXIT_CODES = """\
+exit codes:
+  0    success
+  1    the work failed: a pass broke its contract, the build or link failed, verify --min-cosine
+       was not met, or writing OUTDIR failed (e.g. the disk is full)
+  2    bad input or usage: arguments, the model, --data, the pass spec, the target, -o OUTDIR
+  3    internal error: a bug (GRAPHOPT_DEBUG=1 prints the traceback)
+  4    the quality gate stopped the pipeline (--max-drop, --min-cosine, a pass's own bound)
+  130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM
+  141  stdout was closed early (e.g. `graphopt inspect MODEL --json | head -1`)
+Whatever the code, OUTDIR holds either all of a run's outputs or none of them."""
+
+# The signal that interrupted this run (SIGINT or SIGTERM), if one did.
+_interrupted_by: int | None = None
+
+
+def interrupted_by() -> int | None:
+    """The signal that interrupted the command now running, or None."""
+    return _interrupted_by
+
+
+class _Lazy:
+    """Help text made only when help is printed: the --target help lists the target table, which
+    lives in graphopt.codegen, whose import loads TVM. argparse calls strip() and `%` on it."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __str__(self) -> str:
+        return self.make()
+
+    def strip(self) -> str:
+        return str(self).strip()
+
+    def __mod__(self, params) -> str:
+        return str(self) % params
+
+
+def _target_help() -> str:
+    from graphopt.codegen import targets
+
+    return targets.describe() + " (for arm and arm-dotprod: pip install 'graphopt[arm]')"
+
+
+def _command(module: str, name: str):
+    """The command `name` of graphopt.cli.`module`, imported when it runs."""
+
+    def run(args) -> int:
+        return getattr(importlib.import_module(f"graphopt.cli.{module}"), name)(args)
+
+    run.__qualname__ = name
+    return run
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: works, warns, and is left out of --help."""
+
+    def __init__(self, *args, new: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"graphopt: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _target_options(p: argparse.ArgumentParser, required: bool = False, db_required: bool = False) -> None:
     g = p.add_argument_group("code generation (Apache TVM)")
-    g.add_argument("--target", required=required, metavar="T", help=targets.describe())
+    g.add_argument("--target", required=required, metavar="T", type=_target_name, help=_Lazy(_target_help))
     g.add_argument("--cuda-arch", metavar="sm_XX", help="CUDA architecture for --target cuda (default sm_80)")
     if not db_required:
         g.add_argument("--tune", action="store_true", help="tune with MetaSchedule before compiling")
     g.add_argument("--db", required=db_required, metavar="DIR",
-                   help="tuning database folder, reused across runs (default with --tune: OUTDIR/tuning-db)")
-    g.add_argument("--trials", type=int, default=64, help="tuning trial budget (default 64)")
-    g.add_argument("--time-budget", "--tune-seconds", dest="tune_seconds", type=_duration, metavar="T",
-                   help="tuning wall-clock budget: seconds, or with a unit (90s, 10m, 1h)")
+                   help="tuning database folder, reused across runs: its measured schedules are applied when "
+                        "compiling (default with --tune: OUTDIR/tuning-db)")
+    g.add_argument("--trials", type=_positive, default=64, metavar="N", help="tuning trial budget (default 64)")
+    g.add_argument("--time-budget", dest="time_budget", type=_duration, metavar="T",
+                   help="tuning wall-clock budget: seconds, or with a unit (90s, 10m, 1h); tuning stops at "
+                        "whichever of --trials and this comes first (default: no time limit)")
+    g.add_argument("--tune-seconds", dest="time_budget", type=_duration, action=_DeprecatedAlias,
+                   new="--time-budget", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def _input_shape_option(p: argparse.ArgumentParser) -> None:
+def _input_shape_option(p: argparse.ArgumentParser, compiles: bool = False) -> None:
+    more = ("; the library is built for these dims (x=4,1,8,8: it takes batches of 4)" if compiles else
+            ". MACs, random inputs and shape analysis use them; --data's shapes serve the same way when "
+            "this is not given")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="concrete dims for a model input with symbolic dims, e.g. x=1,3,48,320 (repeatable; "
-                        "NAME= for a scalar). MACs, random inputs and shape analysis use them; --data's "
-                        "shapes serve the same way when this is not given")
+                        f"NAME= for a scalar){more}")
+
+
+def _seed_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=_seed, default=0, metavar="N",
+                   help="seed for the random inputs used when no --data is given: any integer, taken "
+                        "modulo 2**32 (default 0)")
+
+
+def _output_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", type=_outdir,
+                   help="output folder, created if missing. Outputs of the same name are replaced, all "
+                        "together; other files in it are kept. It must not hold the input under an "
+                        "output's name")
 
 
 def _points(text: str) -> float:
@@ -56,20 +143,57 @@ def _duration(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    """Any integer; numpy's generators take 0 .. 2**32-1, so -1 is 2**32-1 (as numpy's own
+    SeedSequence would not have it)."""
+    try:
+        return int(text) % 2**32
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': give at least 1")
+    return value
+
+
+def _outdir(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty name: give the folder for the outputs")
+    return text
+
+
+def _target_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty name: give a target such as x86 (graphopt compile --help "
+                                         "lists them)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphopt", description="Compress ONNX models with verified graph passes.")
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="graphopt", description="Compress ONNX models with verified graph passes.",
+                                     epilog=EXIT_CODES, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("optimize", help="run a pass pipeline and write OUTDIR/model.opt.onnx and report.json")
+    p = sub.add_parser("optimize", help="run a pass pipeline and write OUTDIR/model.opt.onnx and report.json",
+                       description="Run a pass pipeline; write OUTDIR/model.opt.onnx, report.json and report.html "
+                                   "(with --target also the library and manifest.json).",
+                       epilog=EXIT_CODES, formatter_class=fmt)
     p.add_argument("model", help="input ONNX model (never modified)")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    _output_option(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--passes", default="canonicalize", metavar="SPEC",
                        help='pass spec, e.g. "fold-constants,fold-batchnorm" (default: canonicalize)')
     group.add_argument("--pipeline", metavar="FILE", help="pipeline as a YAML or TOML file")
     p.add_argument("--data", metavar="FILE", help="inputs as .npz (by input name, or x) or a folder of .npy")
-    p.add_argument("--seed", type=int, default=0, help="seed for random inputs when no --data is given")
+    _seed_option(p)
     gate = p.add_argument_group("quality gate (measured after every pass on the half of --data held aside "
                                 "from calibration; exit 4 and nothing written when crossed)")
     gate.add_argument("--max-drop", type=_points, metavar="P%",
@@ -85,90 +209,186 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true",
                    help="write concrete dims into the optimized model (those of --input-shape, or of --data past "
                         "the batch dim); the passes see them too. Without it the model keeps its symbolic dims")
-    p.add_argument("--opset", type=int, metavar="N",
+    p.add_argument("--opset", type=_positive, metavar="N",
                    help="upgrade the model to opset N before the passes (onnx's version converter, checked "
                         "EXACT in onnxruntime); for passes that need a newer opset than the model has")
     _target_options(p)
-    p.set_defaults(func=cmd_optimize)
+    p.set_defaults(func=_command("jobs", "cmd_optimize"))
 
     p = sub.add_parser("compile", help="compile a model with TVM for a target (no passes); writes the library, "
-                                       "manifest.json and report.json")
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-    p.add_argument("--data", metavar="FILE", help="inputs to check the library against onnxruntime")
-    p.add_argument("--seed", type=int, default=0)
+                                       "manifest.json and report.json",
+                       description="Compile a model with TVM for --target, without passes: writes "
+                                   "OUTDIR/model.<target>.so, manifest.json (other targets' entries are kept), "
+                                   "report.json and report.html. Where the library runs here, the report has its "
+                                   "fidelity against onnxruntime and its latency.",
+                       epilog=EXIT_CODES, formatter_class=fmt)
+    p.add_argument("model", help="input ONNX model (never modified)")
+    _output_option(p)
+    p.add_argument("--data", metavar="FILE", help="inputs (.npz or a folder of .npy) to check the library against "
+                                                  "onnxruntime; their shapes set symbolic dims (one sample of the "
+                                                  "batch) where --input-shape does not")
+    _seed_option(p)
     p.add_argument("--no-verify", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("-q", "--quiet", action="store_true")
-    _input_shape_option(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    _input_shape_option(p, compiles=True)
     _target_options(p, required=True)
-    p.set_defaults(func=cmd_compile)
+    p.set_defaults(func=_command("jobs", "cmd_compile"))
 
-    p = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule into a reusable database")
-    p.add_argument("model")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule into a reusable database",
+                       description="Tune a model's kernels for --target with MetaSchedule into the --db folder; "
+                                   "compile and optimize --target with the same --db use its schedules. Prints "
+                                   "the tuning summary as JSON.",
+                       epilog=EXIT_CODES, formatter_class=fmt)
+    p.add_argument("model", help="input ONNX model")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _target_options(p, required=True, db_required=True)
-    p.set_defaults(func=cmd_tune, tune=True)
+    p.set_defaults(func=_command("jobs", "cmd_tune"), tune=True)
 
     p = sub.add_parser("inspect", help="ops, parameters, size, MACs per layer, inputs and outputs")
-    p.add_argument("model")
+    p.add_argument("model", help="ONNX model")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _input_shape_option(p)
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=_command("inspect", "cmd_inspect"))
 
     p = sub.add_parser("passes", help="list the passes, their options and guarantees; with NAME, one pass's "
                                       "contract and every option's help")
     p.add_argument("name", nargs="?", metavar="NAME", help="a pass, e.g. quantize")
-    p.set_defaults(func=cmd_passes)
+    p.set_defaults(func=_command("inspect", "cmd_passes"))
 
     p = sub.add_parser("verify", help="compare two models' outputs in onnxruntime")
-    p.add_argument("original")
-    p.add_argument("optimized")
+    p.add_argument("original", help="the reference ONNX model")
+    p.add_argument("optimized", help="the ONNX model to compare with it")
     p.add_argument("--data", metavar="FILE", help="inputs (.npz or .npy folder); an npz with y also gives accuracy")
-    p.add_argument("--seed", type=int, default=0)
+    _seed_option(p)
     p.add_argument("--min-cosine", type=float, help="exit 1 if any output's cosine similarity is lower")
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=_command("inspect", "cmd_verify"))
 
     p = sub.add_parser("sensitivity", help="apply a pass to one layer at a time at several ratios and "
                                            "measure fidelity (and accuracy)")
-    p.add_argument("model")
+    p.add_argument("model", help="ONNX model")
     p.add_argument("--data", metavar="FILE", help="inputs (.npz or .npy folder); an npz with y also gives "
                                                   "accuracy (default: random inputs)")
     p.add_argument("--pass", dest="pass_spec", default="prune-magnitude", metavar="SPEC",
                    help="the pass, with options, e.g. \"prune-magnitude(prune_bias=true)\" (default prune-magnitude)")
     p.add_argument("--ratios", default="0.25,0.5,0.75", help="ratios to measure (default 0.25,0.5,0.75)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random inputs when no --data is given")
+    _seed_option(p)
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_sensitivity)
+    p.set_defaults(func=_command("inspect", "cmd_sensitivity"))
 
     p = sub.add_parser("quant-debug", help="rank layers by the error their int8 quantization alone adds")
-    p.add_argument("model")
+    p.add_argument("model", help="ONNX model")
     p.add_argument("--data", metavar="FILE", help="calibration inputs (.npz or .npy folder; default: random)")
-    p.add_argument("--calibration", default="minmax", choices=("minmax", "percentile", "entropy", "mse"))
-    p.add_argument("--seed", type=int, default=0, help="seed for random inputs when no --data is given")
+    p.add_argument("--calibration", default="minmax", choices=("minmax", "percentile", "entropy", "mse"),
+                   help="how activation ranges are calibrated (default minmax)")
+    _seed_option(p)
     p.add_argument("--json", action="store_true", help="print {layer: SQNR dB} as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_quant_debug)
+    p.set_defaults(func=_command("inspect", "cmd_quant_debug"))
     return parser
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot say alone: options that need another option. Exit 2 before any work."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = commands.choices[args.command]
+    if getattr(args, "tune", False) and not args.target:
+        command.error("--tune needs --target")
+    if getattr(args, "cuda_arch", None) and not args.target:
+        command.error("--cuda-arch needs --target cuda")
+
+
+def _on_signal(signum, frame) -> None:
+    global _interrupted_by
+    _interrupted_by = signum
+    raise KeyboardInterrupt
+
+
+def _handle_signals() -> dict:
+    """SIGTERM ends a run as Ctrl-C does (KeyboardInterrupt: outputs staged so far are removed);
+    returns the handlers to restore. Signals can be handled only in the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # graphsurgeon logs warnings to stdout, which would corrupt `inspect --json`.
-    gs_logger.severity = gs_logger.ERROR
+    """Run one command; return its exit code (EXIT_CODES). SIGINT and SIGTERM end it as
+    KeyboardInterrupt: 130 or 143, and one line saying what became of OUTDIR."""
+    global _interrupted_by
+    _interrupted_by = None
+    previous = _handle_signals()
     try:
-        return args.func(args)
-    except (GraphoptError, DataError, PipelineError) as e:
+        return _run(argv)
+    finally:
+        for sig, handler in previous.items():
+            # As the program (no argv) the run is over: a signal before the interpreter exits could
+            # only turn the exit code into a traceback. Called with argv, put the caller's back.
+            signal.signal(sig, signal.SIG_IGN if argv is None else handler)
+
+
+def _run(argv: list[str] | None) -> int:
+    # Everything, imports included, runs inside this try: a signal or an error at any moment is
+    # one line on stderr and an exit code from the table, never a traceback.
+    args = None
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+            _check_args(parser, args)
+        except SystemExit:  # --help, --version or a usage error: flush where a closed pipe is handled
+            sys.stdout.flush()
+            raise
+        from onnx_graphsurgeon.logger import G_LOGGER
+
+        # graphsurgeon logs warnings to stdout, which would corrupt `inspect --json`.
+        G_LOGGER.severity = G_LOGGER.ERROR
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return code
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt as e:
+        return _interrupted(args, getattr(e, "message", None))
+    except GraphoptError as e:
+        if _interrupted_by is not None:
+            return _interrupted(args)
         print(f"graphopt: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
-    except KeyboardInterrupt:
-        print("graphopt: interrupted; nothing was written (a tuning database keeps its measured trials: "
-              "re-run to resume)", file=sys.stderr)
-        return 130
+    except OSError as e:
+        if _interrupted_by is not None:
+            return _interrupted(args)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"graphopt: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else 2
     except Exception as e:  # noqa: BLE001 - last line of defence: one line, no traceback
+        if _interrupted_by is not None:  # e.g. TVM turned the KeyboardInterrupt into its own error
+            return _interrupted(args)
         if os.environ.get("GRAPHOPT_DEBUG"):
             raise
         print(f"graphopt: internal error: {type(e).__name__}: {e} (set GRAPHOPT_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return 3
 
+
+def _interrupted(args: argparse.Namespace | None, message: str | None = None) -> int:
+    """One line: what the job says became of OUTDIR, or (interrupted before it began) that OUTDIR
+    was not touched."""
+    if message is None:
+        output = getattr(args, "output", None)
+        message = f"interrupted; {output} unchanged" if output else "interrupted"
+    print(f"graphopt: {message}", file=sys.stderr)
+    return 128 + (_interrupted_by or signal.SIGINT)
+
+
+def _stdout_to_devnull() -> None:
+    """After EPIPE, point stdout at /dev/null so that the interpreter's final flush is quiet
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor
+        pass

@@ -52,3 +52,9 @@ class Progress(Instrument):
         if self._open:
             print(" failed", file=sys.stderr, flush=True)
             self._open = False
+
+
+def phase(line: str) -> None:
+    """A `progress` callback of graphopt.deploy's build (compiling, checking, timing the library):
+    one line on stderr per long phase that prints nothing else."""
+    print(f"{line} ...", file=sys.stderr, flush=True)

@@ -4,7 +4,10 @@ dicts, the device kind it runs on, its linker).
 TVM 0.27 takes targets only as JSON dicts (`{"kind": "llvm", "mcpu": ...}`); the old
 `"llvm -mcpu=..."` strings raise. A `Target` also says how its library is linked: the host C
 compiler for the build machine's own architecture, otherwise a cross linker (the Debian cross g++
-when installed, else `zig cc` from the `ziglang` pip package).
+when installed, else `zig cc` from the `ziglang` pip package, the extra `graphopt[arm]`).
+
+A target that cannot be had (an unknown name, a bad JSON target or CUDA architecture, no linker)
+is a `TargetError`: bad input, exit code 2, raised by `resolve` before any work.
 
 A new CPU variant is one row of `TARGETS`. A new device kind is a backend (graphopt.codegen.backends)
 plus its rows here: its named targets in `TARGETS`, its TVM target kind in `_KINDS`.
@@ -35,6 +38,14 @@ _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64
 # The TVM target kinds a JSON target may name -> (the device kind, i.e. the backend, that runs it;
 # the host target a device target gets when the JSON gives none).
 _KINDS = {"llvm": ("cpu", None), "cuda": ("cuda", GENERIC_X86)}
+# The pip extra that installs zig, the aarch64 linker used when no Debian cross g++ is installed.
+ZIG_EXTRA = "graphopt[arm]"
+
+
+class TargetError(CodegenError):
+    """A target that cannot be resolved or linked here: a usage error (exit code 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ def _cpu(spec: dict | Callable[[], dict]) -> Factory:
     def build(name: str, cuda_arch: str | None) -> Target:
         _no_cuda_arch(name, cuda_arch)
         tvm_dict = dict(spec() if callable(spec) else spec)
-        return Target(name, tvm_dict, None, _cross_description(_triple_arch(tvm_dict)), "cpu")
+        return Target(name, tvm_dict, None, _cross_description(_triple_arch(tvm_dict), name), "cpu")
 
     return build
 
@@ -87,8 +98,9 @@ def _cpu(spec: dict | Callable[[], dict]) -> Factory:
 def _cuda(name: str, cuda_arch: str | None) -> Target:
     arch = cuda_arch or DEFAULT_CUDA_ARCH
     if not _CUDA_ARCH.fullmatch(arch):
-        raise CodegenError(f"CUDA architecture '{arch}' is not of the form sm_XY (e.g. sm_80, sm_90a)")
-    return Target(name, {"kind": "cuda", "arch": arch}, dict(GENERIC_X86), _cross_description("x86_64"), "cuda")
+        raise TargetError(f"CUDA architecture '{arch}' is not of the form sm_XY (e.g. sm_80, sm_90a)")
+    return Target(name, {"kind": "cuda", "arch": arch}, dict(GENERIC_X86), _cross_description("x86_64", name),
+                  "cuda")
 
 
 def _detect_host() -> dict:
@@ -96,7 +108,7 @@ def _detect_host() -> dict:
 
     arch = host_arch()
     if arch != "x86_64":
-        raise CodegenError(f"target x86 detects this machine's CPU, but this machine is {arch}; "
+        raise TargetError(f"target x86 detects this machine's CPU, but this machine is {arch}; "
                            "use x86-64 for a generic x86 build")
     found = tvm.target.Target.from_device(tvm.cpu()).export()
     # The triple TVM reports is its own build's (e.g. x86_64-conda-linux-gnu); say what we link.
@@ -125,30 +137,33 @@ def resolve(name: str, cuda_arch: str | None = None) -> Target:
     """Resolve a target name (a key of `TARGETS`), or a raw JSON target dict given as a string.
 
     `cuda_arch` ("sm_80" unless given) applies only to the cuda target. Raises CodegenError for an
-    unknown name, a bad JSON target, or an aarch64 target with no cross linker installed.
+    unknown name, a bad JSON target, or an aarch64 target with no cross linker installed (all
+    TargetError, exit code 2).
     """
+    if not name.strip():
+        raise TargetError(f"--target is empty: use one of {', '.join(TARGETS)}, or a TVM target as JSON")
     if name.lstrip().startswith("{"):
         _no_cuda_arch(name, cuda_arch)
         return _from_json(name)
     row = TARGETS.get(name)
     if row is None:
-        raise CodegenError(f"unknown target '{name}': use one of {', '.join(TARGETS)}, "
+        raise TargetError(f"unknown target '{name}': use one of {', '.join(TARGETS)}, "
                            'or a TVM target as JSON, e.g. \'{"kind": "llvm", "mcpu": "skylake-avx512"}\'')
     return row.build(name, cuda_arch)
 
 
 def _no_cuda_arch(name: str, cuda_arch: str | None) -> None:
     if cuda_arch is not None:
-        raise CodegenError(f"--cuda-arch {cuda_arch} applies only to the cuda target, not '{name}'")
+        raise TargetError(f"--cuda-arch {cuda_arch} applies only to the cuda target, not '{name}'")
 
 
 def _from_json(text: str) -> Target:
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CodegenError(f"target is not valid JSON ({e.msg} at column {e.colno}): {text}") from None
+        raise TargetError(f"target is not valid JSON ({e.msg} at column {e.colno}): {text}") from None
     if not isinstance(spec, dict) or spec.get("kind") not in _KINDS:
-        raise CodegenError(f"a JSON target must be an object whose \"kind\" is one of "
+        raise TargetError(f"a JSON target must be an object whose \"kind\" is one of "
                            f"{', '.join(_KINDS)}: {text}")
     device, default_host = _KINDS[spec["kind"]]
     host = spec.pop("host", None)
@@ -156,7 +171,8 @@ def _from_json(text: str) -> Target:
     if host is None and default_host is not None:
         host = dict(default_host)
     digest = hashlib.sha256(json.dumps([spec, host], sort_keys=True).encode()).hexdigest()[:8]
-    return Target(f"custom-{digest}", spec, host, _cross_description(_triple_arch(host or spec)), device)
+    name = f"custom-{digest}"
+    return Target(name, spec, host, _cross_description(_triple_arch(host or spec), name), device)
 
 
 def _validate(spec: dict, host: dict | None, text: str) -> None:
@@ -165,7 +181,7 @@ def _validate(spec: dict, host: dict | None, text: str) -> None:
     try:
         tvm.target.Target(spec, host=host) if host else tvm.target.Target(spec)
     except Exception as e:  # noqa: BLE001 - TVM raises several unrelated types for a bad target
-        raise CodegenError(f"TVM rejects the target {text}: {tvm_error_summary(e)}") from None
+        raise TargetError(f"TVM rejects the target {text}: {tvm_error_summary(e)}") from None
 
 
 def tvm_error_summary(e: BaseException) -> str:
@@ -190,21 +206,22 @@ def _triple_arch(tvm_dict: dict) -> str:
     return triple.split("-")[0] if triple else host_arch()
 
 
-def _cross_description(arch: str) -> str | None:
-    """None when the host compiler links `arch`; otherwise the cross linker that will."""
+def _cross_description(arch: str, name: str) -> str | None:
+    """None when the host compiler links `arch`; otherwise the cross linker that will (found now,
+    so that a missing one fails before any work)."""
     if arch == host_arch():
         return None
-    return " ".join(_linker_command(arch)[0])
+    return " ".join(_linker_command(arch, name)[0])
 
 
 def fcompile(target: Target) -> Callable:
     """The `fcompile` for `export_library`: links the objects TVM wrote into one shared library."""
     arch = _triple_arch(target.host or target.tvm)
-    command, triple = _linker_command(arch)
+    command, triple = _linker_command(arch, target.name)
     return _Linker(command, triple)
 
 
-def _linker_command(arch: str) -> tuple[list[str], str]:
+def _linker_command(arch: str, name: str) -> tuple[list[str], str]:
     triple = f"{arch}-linux-gnu"
     if arch == host_arch():
         from tvm.support import cc
@@ -217,9 +234,12 @@ def _linker_command(arch: str) -> tuple[list[str], str]:
     if importlib.util.find_spec("ziglang") is not None:
         # sys.executable: the ziglang package lives in this interpreter's environment.
         return [sys.executable, "-m", "ziglang", "cc", "-target", triple], triple
-    apt = "g++" if arch == host_arch() else f"g++-{arch.replace('_', '-')}-linux-gnu"
-    raise CodegenError(f"no linker for {triple} libraries: install one with `pip install ziglang` "
-                       f"or `apt-get install {apt}`")
+    if arch == host_arch():
+        raise TargetError(f"--target {name}: no C compiler links {triple} libraries here: "
+                          f"apt-get install g++ (or pip install ziglang)")
+    # ziglang is an extra, not a dependency: it is a 400 MB wheel that only cross-compiling needs.
+    raise TargetError(f"--target {name} links with zig: pip install '{ZIG_EXTRA}' "
+                      f"(or apt-get install g++-{arch.replace('_', '-')}-linux-gnu)")
 
 
 class _Linker:

@@ -23,6 +23,11 @@ from graphopt.ir.graph import np_dtype
 
 # Random int64 inputs named like these are token ids: kept below a vocabulary any model has.
 TOKEN_ID_RANGE = 100
+# Random inputs larger than this (per input) are refused before allocating: a declared dim of
+# 2^40 is a hostile or broken model, and real dims come from --input-shape or --data.
+MAX_RANDOM_BYTES = 1 << 30
+# An array in --data larger than this is refused from its header, before it is read.
+MAX_DATA_BYTES = 1 << 34
 
 
 @dataclass(frozen=True)
@@ -48,16 +53,39 @@ def input_specs(graph: gs.Graph) -> list[InputSpec]:
 
 
 def random_feeds(specs: list[InputSpec], seed: int = 0, batch: int = 1,
-                 shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+                 shapes: dict[str, tuple[int, ...]] | None = None, source: str = "model") -> dict[str, np.ndarray]:
     """Standard-normal floats; masks of ones, token ids in 0..99, token types and other ints small.
-    An input's shape is `shapes[name]` when given, else its own with symbolic dims as `batch`."""
+    An input's shape is `shapes[name]` when given, else its own with symbolic dims as `batch`.
+    Every size is checked before anything is allocated (DataError naming `source` and the input)."""
     rng = np.random.default_rng(seed)
-    feeds = {}
+    planned = {}
     for s in specs:
         given = (shapes or {}).get(s.name)
         shape = tuple(given) if given is not None else tuple(int(d) if is_static(d) else batch for d in s.shape or ())
-        feeds[s.name] = _random(rng, s, shape)
-    return feeds
+        _check_random_size(s, shape, source)
+        planned[s.name] = shape
+    return {s.name: _random(rng, s, planned[s.name]) for s in specs}
+
+
+def _check_random_size(spec: InputSpec, shape: tuple[int, ...], source: str) -> None:
+    if any(int(d) < 0 for d in shape):
+        raise DataError(f"{source}: input '{spec.name}' has negative dims {list(shape)}")
+    # Generation works in float64 before casting: count 8 bytes an element whatever the dtype.
+    nbytes = 8
+    for d in shape:
+        nbytes *= int(d)
+    if nbytes > MAX_RANDOM_BYTES:
+        raise DataError(f"{source}: input '{spec.name}' of shape {_show(shape)} is {_size(nbytes)}, too large for "
+                        f"random inputs (limit {_size(MAX_RANDOM_BYTES)}); give its dims with --input-shape "
+                        f"{spec.name}=D0,D1,... or real inputs with --data")
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:.3g} {unit}" if unit != "bytes" else f"{nbytes} bytes"
+        nbytes /= 1024
+    return f"{nbytes:.3g} PiB"
 
 
 def _random(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, ...]) -> np.ndarray:
@@ -155,8 +183,22 @@ def check_feeds(feeds: dict[str, np.ndarray], specs: list[InputSpec], source: st
         a = _cast(np.asarray(feeds[s.name]), s, source)
         if s.shape is not None:
             _check_dims(a, s, source)
+        _check_values(a, s, source)
         out[s.name] = a
     return out
+
+
+def _check_values(a: np.ndarray, spec: InputSpec, source: str) -> None:
+    """No empty batch (it would measure nothing and report perfect fidelity) and no NaN or Inf
+    (every comparison against the original would be meaningless)."""
+    if a.ndim > 0 and a.shape[0] == 0:
+        raise DataError(f"{source}: input '{spec.name}' has 0 samples (shape {list(a.shape)})")
+    if a.dtype.kind in "fc" and a.size and not np.isfinite(a).all():
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        kind = "NaN" if np.isnan(a[index]) else "Inf"
+        where = f" at index {list(index)}" if index else ""
+        raise DataError(f"{source}: input '{spec.name}' holds {kind}{where}; graphopt needs finite inputs "
+                        f"to measure passes against the original")
 
 
 def _cast(a: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
@@ -243,11 +285,41 @@ class Batching:
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
         if path.is_dir():
-            return {p.stem: np.load(p, allow_pickle=False) for p in sorted(path.glob("*.npy"))}
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            return {"x": loaded}
-        with loaded as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: cannot read input data ({e})") from None
+            return {p.stem: _load_npy(p) for p in sorted(path.glob("*.npy"))}
+        if not zipfile.is_zipfile(path):
+            return {"x": _load_npy(path)}
+        with zipfile.ZipFile(path) as z:
+            arrays = {}
+            for member in z.namelist():
+                key = member.removesuffix(".npy")
+                with z.open(member) as f:
+                    _check_header(path, key, f)
+                with z.open(member) as f:
+                    arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+            return arrays
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError, KeyError) as e:
+        raise DataError(f"{path}: cannot read input data ({type(e).__name__}: {e})") from None
+    except MemoryError:
+        raise DataError(f"{path}: an array is too large to read into memory") from None
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    with open(path, "rb") as f:
+        _check_header(path, path.stem, f)
+    return np.load(path, allow_pickle=False)
+
+
+def _check_header(path: Path, key: str, f) -> None:
+    """Refuse an array whose header declares more than MAX_DATA_BYTES, before reading it."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    count = 1
+    for d in shape:
+        count *= int(d)
+    nbytes = count * dtype.itemsize
+    if nbytes > MAX_DATA_BYTES:
+        raise DataError(f"{path}: array '{key}' of shape {list(shape)} declares {_size(nbytes)}, over the "
+                        f"{_size(MAX_DATA_BYTES)} limit")

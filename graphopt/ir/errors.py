@@ -1,11 +1,23 @@
 """Exceptions a user can act on. Every message names the file, the node and what is wrong."""
 from __future__ import annotations
 
+# Messages quote user content (names, option values, runtime text): one line, at most this long.
+MAX_MESSAGE = 600
+
+
+def bounded(text: object, limit: int = MAX_MESSAGE) -> str:
+    """`text` on one line, cut to `limit` characters with the cut said."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 25] + f" ... ({len(line) - limit + 25} more chars)"
+
 
 class GraphoptError(Exception):
     """Base class: the CLI turns these into one line on stderr and a non-zero exit."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        return bounded(super().__str__())
 
 
 class ModelError(GraphoptError):
@@ -13,10 +25,20 @@ class ModelError(GraphoptError):
 
     exit_code = 2
 
-    def __init__(self, path: object, what: str, node: str | None = None):
-        where = f"{path}" + (f": node '{node}'" if node else "")
+    def __init__(self, path: object, what: str, node: str | None = None, op: str | None = None):
+        where = f"{path}" + (f": node '{bounded(node, 120)}'" if node else "") + (f" ({op})" if node and op else "")
         super().__init__(f"{where}: {what}")
-        self.path, self.node, self.what = path, node, what
+        self.path, self.node, self.what, self.op = path, node, what, op
+
+
+class RuntimeRejected(GraphoptError):
+    """onnxruntime refused to load or run a model; `node` is the node its message names, if any.
+    Whoever knows whether the model is the user's (exit 2) or a pass's output (exit 1) decides."""
+
+    def __init__(self, what: str, node: str | None = None, loading: bool = True):
+        verb = "cannot load" if loading else "failed to run"
+        super().__init__(f"onnxruntime {verb} the model" + (f": node '{node}'" if node else "") + f": {what}")
+        self.what, self.node, self.loading = what, node, loading
 
 
 class DataError(GraphoptError):

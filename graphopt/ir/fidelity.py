@@ -69,6 +69,23 @@ def measure(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
     return Fidelity(max_abs, cosine, sqnr)
 
 
+def first_non_finite(outputs: dict[str, np.ndarray]) -> str | None:
+    """The first floating-point output holding NaN or Inf, or None."""
+    for name, value in outputs.items():
+        a = np.asarray(value)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            return name
+    return None
+
+
+def turned_non_finite(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> str | None:
+    """The first output that is finite in `reference` and holds NaN or Inf in `candidate`, or None."""
+    for name, ref in reference.items():
+        if name in candidate and first_non_finite({name: ref}) is None and first_non_finite({name: candidate[name]}):
+            return name
+    return None
+
+
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, Fidelity]:
     """Per-output metrics; outputs are matched by name."""
     missing = set(reference) - set(candidate)

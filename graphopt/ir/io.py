@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphopt.ir import external, stream
+from graphopt.ir import external, node_check, stream
 from graphopt.ir.errors import ModelError
 from graphopt.ir.graph import (ModelGraph, ModelProps, constant_nbytes, constant_nodes_to_initializers, find_cycle,
                                min_ir_version, skeleton)
@@ -48,6 +48,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     model = _read(path)
     _load_external_data(path, model, _all_tensors(model))
     _check_schema(path, model)
+    node_check.check(path, model)
     return model
 
 
@@ -58,6 +59,7 @@ def load(path: str | os.PathLike) -> ModelGraph:
     model = _read(path)
     _load_external_data(path, model, _unmapped_tensors(model))
     _check_schema(path, model)
+    node_check.check(path, model)
     props = dataclasses.replace(ModelProps.of(model), source=str(path))
     try:
         graph = gs.import_onnx(model)
@@ -80,6 +82,8 @@ def _read(path: Path) -> onnx.ModelProto:
             _check_tensor(path, tensor, node)
         _check_acyclic(path, graph)
         _sort_nodes(graph)
+    for tensor, node in _function_tensors(model):
+        _check_tensor(path, tensor, node)
     return model
 
 
@@ -128,6 +132,8 @@ def _unmapped_tensors(model: onnx.ModelProto):
     for graph in subgraphs:
         for t, _ in _graph_tensors(graph):
             yield t
+    for t, _ in _function_tensors(model):
+        yield t
 
 
 def _detach_from_proto(graph: gs.Graph, mapped: external.Mapped) -> None:
@@ -386,15 +392,34 @@ def _graph_tensors(graph: onnx.GraphProto):
     for t in graph.initializer:
         yield t, None
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t, node
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                for t in attr.tensors:
-                    yield t, node
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR:
+            yield attr.t, node
+        elif attr.type == onnx.AttributeProto.TENSORS:
+            for t in attr.tensors:
+                yield t, node
 
 
 def _all_tensors(model: onnx.ModelProto):
     for graph in _all_graphs(model.graph):
         for t, _ in _graph_tensors(graph):
             yield t
+    for t, _ in _function_tensors(model):
+        yield t
+
+
+def _function_tensors(model: onnx.ModelProto):
+    """(tensor, node) for the attribute tensors of model-local functions' nodes and of the
+    subgraphs inside them: checked and read like the main graph's, relative to the model's folder."""
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+            for attr in node.attribute:
+                subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for sub in subgraphs:
+                    for graph in _all_graphs(sub):
+                        yield from _graph_tensors(graph)

@@ -89,6 +89,10 @@ class FidelityInstrument(Instrument):
         if not record.modified:
             return
         outputs = ort.run(graph, self.feeds)
+        broken = fidelity.turned_non_finite(self.given, outputs)
+        if broken:  # a cosine of NaN would slip past every bound: this is the pass failing
+            raise VerificationError(f"pass '{pass_.name}' turned output '{broken}' NaN/Inf where it was finite "
+                                    f"before the pass; nothing written")
         record.fidelity = {k: v.as_dict() for k, v in fidelity.compare(self.reference, outputs).items()}
         accuracy = self.gate.top1(outputs)
         if accuracy is not None:

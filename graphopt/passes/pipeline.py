@@ -11,9 +11,54 @@ import os
 import tomllib
 from pathlib import Path
 
-from graphopt.ir.errors import PipelineError
+from graphopt.ir.errors import PipelineError, bounded
 from graphopt.passes import registry
 from graphopt.passes.base import Pass
+
+
+# A pipeline is a few dozen lines: bound what a hostile file may make the parser build.
+MAX_PIPELINE_BYTES = 1 << 20
+MAX_PIPELINE_DEPTH = 16
+MAX_PIPELINE_NODES = 10_000
+MAX_PIPELINE_ALIASES = 100
+
+
+def _load_yaml(path: Path, text: str):
+    """yaml.safe_load with aliases counted and nesting bounded before the document is built:
+    nested aliases (billion laughs) expand exponentially."""
+    import yaml
+
+    aliases = 0
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_PIPELINE_ALIASES:
+                raise PipelineError(f"{path}: more than {MAX_PIPELINE_ALIASES} YAML aliases; a pipeline needs none")
+        elif isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_PIPELINE_DEPTH:
+                raise PipelineError(f"{path}: nested deeper than {MAX_PIPELINE_DEPTH} levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return yaml.safe_load(text)
+
+
+def _check_size(path: Path, doc) -> None:
+    """The parsed document, aliases expanded, holds at most MAX_PIPELINE_NODES values and nests at
+    most MAX_PIPELINE_DEPTH deep (TOML has no aliases but nests too)."""
+    stack, seen = [(doc, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_PIPELINE_NODES:
+            raise PipelineError(f"{path}: pipeline holds more than {MAX_PIPELINE_NODES} values")
+        if depth > MAX_PIPELINE_DEPTH:
+            raise PipelineError(f"{path}: nested deeper than {MAX_PIPELINE_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in (*value.keys(), *value.values()))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 class Pipeline(list):
@@ -30,21 +75,26 @@ class Pipeline(list):
     def load(cls, path: str | os.PathLike) -> "Pipeline":
         path = Path(path)
         try:
+            if path.stat().st_size > MAX_PIPELINE_BYTES:
+                raise PipelineError(f"{path}: pipeline file is {path.stat().st_size} bytes, over the "
+                                    f"{MAX_PIPELINE_BYTES}-byte limit")
             text = path.read_text()
-            if path.suffix == ".toml":
-                doc = tomllib.loads(text)
-            else:
-                import yaml
-
-                doc = yaml.safe_load(text)
+            doc = tomllib.loads(text) if path.suffix == ".toml" else _load_yaml(path, text)
+        except PipelineError:
+            raise
         except (OSError, ValueError) as e:  # yaml.YAMLError and TOMLDecodeError are ValueErrors or below
-            raise PipelineError(f"{path}: cannot read pipeline ({e})") from None
+            raise PipelineError(f"{path}: cannot read pipeline ({bounded(e, 300)})") from None
         except Exception as e:  # noqa: BLE001 - yaml raises its own hierarchy
-            raise PipelineError(f"{path}: cannot parse pipeline ({e})") from None
+            raise PipelineError(f"{path}: cannot parse pipeline ({bounded(e, 300)})") from None
+        _check_size(path, doc)
         entries = doc.get("passes") if isinstance(doc, dict) else doc
         if not isinstance(entries, list) or not entries:
             raise PipelineError(f"{path}: expected a list of passes under 'passes'")
-        return cls(_from_entry(path, e) for e in entries)
+        try:
+            return cls(_from_entry(path, e) for e in entries)
+        except PipelineError as e:
+            message = str(e)
+            raise PipelineError(message if message.startswith(f"{path}:") else f"{path}: {message}") from None
 
     def __str__(self) -> str:
         return ",".join(repr(p) for p in self)
@@ -59,7 +109,7 @@ def _from_entry(path: Path, entry) -> Pass:
     if isinstance(entry, dict) and len(entry) == 1:
         (name, options), = entry.items()
         return registry.create(name, options or {})
-    raise PipelineError(f"{path}: cannot read pass entry {entry!r}")
+    raise PipelineError(f"{path}: cannot read pass entry {bounded(repr(entry), 200)}")
 
 
 def _parse_item(item: str) -> Pass:

@@ -59,7 +59,7 @@ def _zig_cc(output: str, objects: list[str], options: list[str] | None = None) -
 
 def _cross_build_with_tvm(out_dir: Path) -> Path:
     """Build the library with TVM directly, for as long as graphopt.codegen has no compile()."""
-    pytest.importorskip("ziglang", reason="pip install ziglang: it provides the aarch64 linker")
+    pytest.importorskip("ziglang", reason="pip install 'graphopt[arm]': zig is the aarch64 linker")
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 

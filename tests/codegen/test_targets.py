@@ -53,8 +53,10 @@ def test_bad_json_target(text, message):
 def test_missing_cross_linker_says_how_to_install(monkeypatch):
     monkeypatch.setattr(targets.shutil, "which", lambda name: None)
     monkeypatch.setattr(targets.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(CodegenError, match=r"pip install ziglang.*apt-get install g\+\+-aarch64-linux-gnu"):
+    with pytest.raises(CodegenError, match=r"--target arm links with zig: pip install 'graphopt\[arm\]' "
+                                           r"\(or apt-get install g\+\+-aarch64-linux-gnu\)") as e:
         resolve("arm")
+    assert e.value.exit_code == 2
 
 
 def test_cross_linker_prefers_debian_gcc(monkeypatch):

@@ -70,6 +70,7 @@ def runs(tmp_path_factory):
     return Runs(db, calls, resumed, again, (folder / "stdout").read_text())
 
 
+@pytest.mark.slow  # shares `runs`: three MetaSchedule runs, 100 s on 2 cores
 def test_interrupted_run_keeps_its_trials_and_the_next_resumes(runs):
     cut = [p[0] for p in runs.progress].index(INTERRUPT_AT) + 1
     runs_calls = ((runs.progress[:cut], 0, INTERRUPT_AT), (runs.progress[cut:], INTERRUPT_AT, TRIALS))
@@ -80,6 +81,7 @@ def test_interrupted_run_keeps_its_trials_and_the_next_resumes(runs):
     assert runs.resumed.tasks == 3 and runs.resumed.database == runs.db
 
 
+@pytest.mark.slow  # shares `runs`: three MetaSchedule runs, 100 s on 2 cores
 def test_progress_reports_the_best_kernel_time_found_so_far(runs):
     # None until each kernel ran once (its default schedule); never worse after that.
     best = [b for *_, b in runs.progress]
@@ -88,17 +90,20 @@ def test_progress_reports_the_best_kernel_time_found_so_far(runs):
     assert resumed[0] is not None and all(a >= b for a, b in zip(resumed, resumed[1:]))
 
 
+@pytest.mark.slow  # shares `runs`: three MetaSchedule runs, 100 s on 2 cores
 def test_a_met_budget_measures_nothing(runs):
     assert runs.again.trials == 0 and runs.again.trials_total == TRIALS
     assert runs.again.seconds < 10  # no MetaSchedule start-up: nothing to tune
 
 
+@pytest.mark.slow  # shares `runs`: three MetaSchedule runs, 100 s on 2 cores
 def test_metaschedule_logs_to_the_database_folder_not_stdout(runs):
     assert runs.stdout == ""
     log = (runs.db / tune.LOG).read_text()
     assert "fused_conv2d_relu" in log and "Trial #" in log
 
 
+@pytest.mark.slow  # shares `runs`: three MetaSchedule runs, 100 s on 2 cores
 def test_tuned_library_matches_onnxruntime_and_rebuilds_identically(runs, tmp_path):
     x = rng_array((1, 8, 16, 16), 2)
     reference = ort.run(conv(), {"x": x})["z"]
@@ -111,6 +116,7 @@ def test_tuned_library_matches_onnxruntime_and_rebuilds_identically(runs, tmp_pa
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
+@pytest.mark.slow  # shares `runs`: three MetaSchedule runs, 100 s on 2 cores
 def test_workload_keys_match_what_compile_applies(runs):
     from tvm.s_tir import meta_schedule as ms
 
@@ -121,6 +127,7 @@ def test_workload_keys_match_what_compile_applies(runs):
                for t in ms.relax_integration.extract_tasks(lowered, target.tvm_target()))
 
 
+@pytest.mark.slow  # shares `runs`: three MetaSchedule runs, 100 s on 2 cores
 def test_a_database_tuned_for_another_target_is_refused(runs):
     with pytest.raises(CodegenError, match="one database folder per target"):
         tune.tune(conv(), json.dumps(targets.GENERIC_X86), runs.db, trials=1)

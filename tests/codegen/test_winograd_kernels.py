@@ -127,6 +127,7 @@ def test_stages_are_tagged_at_conversion_and_scheduled_by_their_tags():
     assert cpu_schedules.schedule(sch.mod["main"], simd) is None
 
 
+@pytest.mark.slow  # a MetaSchedule run: 40 s on 2 cores
 def test_tuning_records_winograd_and_applies(tmp_path):
     model = _model([(16, (1, 1, 1, 1), True, 4)], (1, 16, 12, 12))
     db = tmp_path / "db"

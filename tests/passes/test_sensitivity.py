@@ -12,7 +12,8 @@ from graphopt.ir.errors import PipelineError
 from graphopt.optimize import optimize
 from graphopt.passes.prune.magnitude import PruneMagnitude
 from graphopt.passes.sensitivity import Layer, Point, Table, allocate, analyze, analyze_pass
-from graphopt.report import format_sensitivity, sensitivity_html, write_html
+from graphopt.report import format_sensitivity
+from graphopt.report_html import sensitivity_html, write_html
 from graphopt.testing import builders
 from graphopt.testing.check import as_graph
 

@@ -145,6 +145,16 @@ class Calibration:
         return {"method": method, **({"fallback": self.fallback} if self.fallback else {})}
 
 
+def check_finite(weight: gs.Constant) -> None:
+    """Refuses a weight holding NaN or Inf: no decomposition of it exists (LAPACK does not
+    converge, or loops), and the layer computes NaN/Inf whatever its rank."""
+    flat = np.asarray(weight.values).reshape(-1)
+    step = 1 << 22  # in chunks: a mapped weight of a large model is not copied whole
+    for start in range(0, flat.size, step):
+        if not np.isfinite(flat[start:start + step]).all():
+            raise Refused(f"weight '{weight.name}' holds NaN/Inf")
+
+
 def no_saving(what: str, unit: str, before: int, after: int) -> Refused:
     return Refused(f"{what}: factors need {after:,} {unit} where the layer has {before:,}; no saving")
 

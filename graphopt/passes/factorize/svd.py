@@ -63,6 +63,7 @@ def examine(node: gs.Node, graph: gs.Graph) -> Match | None:
     if len(weight.shape) != 2:
         raise Refused(f"weight '{weight.name}' is {len(weight.shape)}-D; only a 2-D weight is factored")
     check_weight(graph, weight, "factorize")
+    lowrank.check_finite(weight)
     _check_not_factored(graph, node, index)
     return Match(weight, index)
 
@@ -194,7 +195,7 @@ def _whitened_factors(d: Decomposition, rank: int) -> tuple[np.ndarray, np.ndarr
     """x W ~ (x left) right from the whitened truncation, the output factor refit by least squares
     on the calibration statistics; the bias shift that restores the output mean; the output error."""
     first = d.s[:rank, None] * d.rows[:rank]
-    second = whiten.refit_output_factor(d.weight.T, first, d.h)
+    second = whiten.refit_output_factor(d.weight.T, first, d.h, d.basis[:, :rank])
     # Balance each component's scale between the factors (exact; keeps both in float32's range).
     scale = np.sqrt(np.linalg.norm(first, axis=1) / np.maximum(np.linalg.norm(second, axis=0), 1e-300))
     scale = np.where(scale > 0, scale, 1.0)

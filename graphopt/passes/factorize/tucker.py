@@ -61,6 +61,7 @@ def examine(node: gs.Node, graph: gs.Graph) -> Match | None:
     if count(weight.shape[2:]) <= 1:
         raise Refused("1x1 convolution: no spatial kernel to factor around")
     check_weight(graph, weight, "factorize")
+    lowrank.check_finite(weight)
     _check_not_factored(node)
     return Match(weight, 1)
 

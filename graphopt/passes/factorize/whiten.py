@@ -109,16 +109,24 @@ def whitened_spectrum(w: np.ndarray, h: np.ndarray, damping: float) -> np.ndarra
 
 
 def solve_psd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """X with X A = B for a symmetric positive semi-definite A, ridged so a singular A still solves."""
-    ridge = _RIDGE * max(float(np.trace(a)) / max(a.shape[0], 1), np.finfo(np.float64).tiny)
+    """X with X A = B for a symmetric positive semi-definite A, ridged so a singular A still solves.
+    The ridge is relative to A's mean diagonal, and absolute when A is zero (inputs the calibration
+    never excited): a ridge scaled by a zero would be denormal, and LAPACK's pivots of it inf/NaN."""
+    scale = float(np.trace(a)) / max(a.shape[0], 1)
+    ridge = _RIDGE * (scale if scale > 0 else 1.0)
     return np.linalg.solve(a + ridge * np.eye(a.shape[0]), b.T).T
 
 
-def refit_output_factor(w: np.ndarray, first: np.ndarray, h: np.ndarray) -> np.ndarray:
+def refit_output_factor(w: np.ndarray, first: np.ndarray, h: np.ndarray, unfit: np.ndarray) -> np.ndarray:
     """The U minimising tr((W - U A) H (W - U A)ᵀ) for a fixed first factor A [r, K]:
-    U = W H Aᵀ (A H Aᵀ)⁻¹, the least-squares fit of the layer's outputs from A x."""
+    U = W H Aᵀ (A H Aᵀ)⁻¹, the least-squares fit of the layer's outputs from A x. Where the
+    calibration inputs never reach A's span (A H Aᵀ = 0, e.g. an input that is zero on every
+    sample) any U fits them, and the truncation's own factor `unfit` is kept."""
     ha = h @ first.T
-    return solve_psd(first @ ha, w @ ha)
+    inner = first @ ha
+    if not np.trace(inner) > 0:
+        return unfit
+    return solve_psd(inner, w @ ha)
 
 
 def output_error(w: np.ndarray, approx: np.ndarray, h: np.ndarray) -> float:

@@ -65,16 +65,27 @@ def test_refit_of_the_output_factor_lowers_the_output_error_on_the_rows():
         u, s, rows = whiten.whitened_svd(w, whiten.damped_cholesky(h, damping))
         first = s[:4, None] * rows[:4]
         before = relative_output_error(w, u[:, :4] @ first, x)
-        after = relative_output_error(w, whiten.refit_output_factor(w, first, h) @ first, x)
+        after = relative_output_error(w, whiten.refit_output_factor(w, first, h, u[:, :4]) @ first, x)
         assert after <= before + 1e-12
         # The more damped the truncation, the further from the data's optimum (0.1077 undamped), and
         # the more the refit wins back (measured: 0.109 -> 0.108 at 0.1, 0.198 -> 0.116 at 1, 0.277 -> 0.135 at 3).
         if damping >= 0.1:
             assert after < before - 1e-3 and after < 0.11 + 0.01 * damping, (damping, before, after)
     # The refit is the least-squares solution: no other output factor does better on the rows.
-    refit = whiten.refit_output_factor(w, first, h)
+    refit = whiten.refit_output_factor(w, first, h, u[:, :4])
     best = np.linalg.lstsq(x @ first.T, x @ w.T, rcond=None)[0].T
     np.testing.assert_allclose(refit, best, rtol=1e-6, atol=1e-8)
+
+
+def test_refit_keeps_the_truncation_where_the_calibration_never_excited_the_input():
+    # An input that is zero on every sample (romanizer-encoder's bridge Gemm on the corpus data):
+    # H = 0, any output factor fits, and a solve of the zero system would be inf/NaN.
+    w = RNG.standard_normal((6, 8))
+    u, s, rows = whiten.whitened_svd(w, whiten.damped_cholesky(np.zeros((8, 8)), 0.01))
+    first = s[:3, None] * rows[:3]
+    refit = whiten.refit_output_factor(w, first, np.zeros((8, 8)), u[:, :3])
+    np.testing.assert_array_equal(refit, u[:, :3])
+    assert np.all(np.isfinite(whiten.solve_psd(np.zeros((3, 3)), np.zeros((6, 3)))))
 
 
 def test_channel_statistics_from_the_unfolded_second_moment():
