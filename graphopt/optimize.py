@@ -80,6 +80,7 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
     if latency:
         phase("timing the original model in onnxruntime")
     latency_before = ort.measure_latency(graph, sample) if latency else None
+    layers_before = ort.node_times_ms(graph, sample) if latency else None
     checks = (FidelityInstrument(reference, feeds, gate, enforce=verify),) if verify or gate.user_set else ()
     records = PassManager(pipeline, verify=verify, instruments=checks + tuple(instruments)).run(
         graph, PassContext(feeds=split.calibration, from_data=data is not None, seed=seed, verify=verify,
@@ -92,6 +93,7 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
                                 f"is finite; nothing written")
     measured = fidelity.compare(reference, final)
     latency_after = ort.measure_latency(graph, sample) if latency else None
+    layers_ms = {"before": layers_before, "after": ort.node_times_ms(graph, sample)} if latency else None
     if static:
         specialize_in_place(graph, written)
     report = {
@@ -118,7 +120,8 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
     if latency:
         report["latency_ms"] = {"onnxruntime": {
             "before": round(latency_before.median_ms, 4), "after": round(latency_after.median_ms, 4),
-            "spread_pct": {"before": round(latency_before.spread_pct, 1), "after": round(latency_after.spread_pct, 1)}}}
+            "spread_pct": {"before": round(latency_before.spread_pct, 1), "after": round(latency_after.spread_pct, 1)},
+            "layers": {k: {n: round(ms, 5) for n, ms in v.items()} for k, v in layers_ms.items()}}}
     return Optimized(graph, report, feeds, reference)
 
 

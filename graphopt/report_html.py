@@ -42,6 +42,9 @@ def write_html(report: dict, path: Path) -> None:
         if p.get("refused"):
             parts.append(f"<h2>Refused: {escape(p['name'])}</h2>" + _table(
                 ["node", "reason"], [[r["node"], r["reason"]] for r in p["refused"]]))
+    layers = ((report.get("latency_ms") or {}).get("onnxruntime") or {}).get("layers")
+    if layers:
+        parts.append("<h2>Latency per layer (onnxruntime profiler)</h2>" + _layer_latency(layers))
     if report.get("search"):
         parts.append("<h2>Search</h2>" + _search(report["search"]))
     parts.append("<h2>Fidelity vs the original (onnxruntime)</h2>" + _fidelity(report["fidelity"]["outputs"]))
@@ -196,6 +199,21 @@ def _choice_plot(p: dict) -> str:
              _GREEN if c == v["chosen"] else _GREY)
             for layer, v in choices(p).items() for c, ms in (v.get("timings_ms") or {}).items()]
     return _bars("measured time per candidate (ms)", rows) if rows else ""
+
+
+def _layer_latency(layers: dict, shown: int = 20) -> str:
+    """Before and after bars of the `shown` nodes that take longest in either model (by the names
+    onnxruntime runs them under: a node a pass removed has no after bar, a new one no before)."""
+    before, after = layers.get("before") or {}, layers.get("after") or {}
+    names = sorted(set(before) | set(after), key=lambda n: -max(before.get(n, 0.0), after.get(n, 0.0)))[:shown]
+    rows = []
+    for name in names:
+        b, a = before.get(name), after.get(name)
+        rows.append((f"{name} before", b, "-" if b is None else f"{b:.4f} ms", _GREY))
+        worse = b is not None and a is not None and a > b * 1.1
+        rows.append((f"{name} after", a, "-" if a is None else f"{a:.4f} ms", _RED if worse else _GREEN))
+    total = f"all nodes: {sum(before.values()):.4f} ms before, {sum(after.values()):.4f} ms after (per run)"
+    return f"<p>{escape(total)}</p>" + _bars(f"the {len(names)} slowest nodes, ms per run", rows)
 
 
 def _bars(title: str, rows: list[tuple[str, float | None, str, str]], top: float | None = None) -> str:

@@ -153,3 +153,14 @@ def test_sparsity_counts_quantized_weights_at_their_zero_point(quantize):
     both = graphopt.optimize(str(DIGITS), f"canonicalize,prune-magnitude(sparsity=0.5),{quantize}", latency=False)
     assert pruned.report["after"]["sparsity"] > 0.45
     assert abs(both.report["after"]["sparsity"] - pruned.report["after"]["sparsity"]) < 0.02
+
+
+def test_per_layer_latency_from_onnxruntime_profiler_is_plotted(tmp_path):
+    result = graphopt.optimize(str(DIGITS), "canonicalize")
+    layers = result.report["latency_ms"]["onnxruntime"]["layers"]
+    assert layers["before"] and layers["after"]
+    assert all(ms >= 0 for side in layers.values() for ms in side.values())
+    # What the profiler saw covers the run: its node times add up to no more than a timed run plus slack.
+    assert sum(layers["after"].values()) < 20 * result.report["latency_ms"]["onnxruntime"]["after"]
+    write_html(result.report, tmp_path / "report.html")
+    assert "slowest nodes" in (tmp_path / "report.html").read_text()

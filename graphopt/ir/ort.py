@@ -1,6 +1,7 @@
 """Run models in onnxruntime, the reference every pass is measured against."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -23,9 +24,12 @@ _INLINE_LIMIT = 2**31 - (1 << 20)
 
 
 def session(model: onnx.ModelProto | gs.Graph | str | os.PathLike, optimize: bool = False,
-            threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session; graph optimisations off unless asked, so what runs is what we wrote."""
+            threads: int = 0, profile: str | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session; graph optimisations off unless asked, so what runs is what we
+    wrote. `profile`: the prefix of onnxruntime's profile file (profiling on)."""
     opts = ort.SessionOptions()
+    if profile:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.log_severity_level = 4  # failures are re-raised with onnxruntime's message
@@ -140,6 +144,26 @@ def latency_ms(model, feeds: dict[str, np.ndarray], repeat: int = 20, warmup: in
     """Median wall time of one run, with onnxruntime's own graph optimisations on (as deployed);
     `measure_latency` gives the spread too."""
     return measure_latency(model, feeds, repeat, warmup).median_ms
+
+
+def node_times_ms(model, feeds: dict[str, np.ndarray], repeat: int = 10) -> dict[str, float]:
+    """Milliseconds per run each node takes, from onnxruntime's own profiler over one warm-up and
+    `repeat` runs, graph optimisations on as deployed (fused nodes carry the names onnxruntime
+    gives them): the median of a node's times, so the warm-up's first-call costs drop out, times
+    how often it runs per run (a node inside a Loop body runs many times)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = session(model, optimize=True, profile=os.path.join(tmp, "ort"))
+        wanted = {i.name for i in sess.get_inputs()}
+        feeds = {k: v for k, v in feeds.items() if k in wanted}
+        for _ in range(repeat + 1):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    times: dict[str, list[float]] = {}
+    suffix = "_kernel_time"
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith(suffix):
+            times.setdefault(e["name"][:-len(suffix)], []).append(e.get("dur", 0) / 1000)
+    return {name: float(np.median(t)) * len(t) / (repeat + 1) for name, t in times.items()}
 
 
 def measure_latency(model, feeds: dict[str, np.ndarray], repeat: int = 20, warmup: int = 3) -> Latency:
