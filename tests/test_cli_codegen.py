@@ -77,10 +77,11 @@ def test_int8_pipeline_for_x86_runs_integer_kernels_that_agree_with_onnxruntime(
     ops = {n.op_type for n in onnx.load(tmp_path / "model.opt.onnx").graph.node}
     assert {"QLinearConv", "MatMulInteger"} <= ops and "DequantizeLinear" not in ops
     report = json.loads((tmp_path / "report.json").read_text())
-    # The library against the float original: the quantization error onnxruntime's int8 model has, within
-    # 1.5 dB (requantization rounds ties differently, so single logits may differ by a few uint8 steps).
+    # The library against the float original: no more than 1.5 dB below onnxruntime's int8 model's SQNR
+    # (requantization rounds ties differently, so single logits may differ by a few uint8 steps; the
+    # library may come out ahead: 43.6 vs 41.9 dB measured).
     library, ort = report["codegen"]["fidelity"]["logits"], report["fidelity"]["outputs"]["logits"]
-    assert library["cosine"] > 0.999 and abs(library["sqnr_db"] - ort["sqnr_db"]) < 1.5
+    assert library["cosine"] > 0.999 and library["sqnr_db"] > ort["sqnr_db"] - 1.5
 
 
 def test_winograd_measured_on_the_target_reports_each_choice(tmp_path):

@@ -298,6 +298,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         command.error("--cuda-arch needs --target cuda")
 
 
+# Once interrupted, errors Python cannot raise (a finalizer such as llvmlite's __del__ that the
+# KeyboardInterrupt cut short) would print "Exception ignored ... Traceback": the one line that
+# says what became of OUTDIR is the whole story, so main() keeps them quiet from then on.
 def _on_signal(signum, frame) -> None:
     global _interrupted_by
     _interrupted_by = signum
@@ -320,9 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     global _interrupted_by
     _interrupted_by = None
     previous = _handle_signals()
+    default_hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None if _interrupted_by else default_hook(unraisable)
     try:
         return _run(argv)
     finally:
+        sys.unraisablehook = default_hook
         for sig, handler in previous.items():
             # As the program (no argv) the run is over: a signal before the interpreter exits could
             # only turn the exit code into a traceback. Called with argv, put the caller's back.
