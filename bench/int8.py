@@ -1,4 +1,4 @@
-"""Benchmark: int8 in TVM (graphopt's packed VNNI/dotprod kernels) against TVM fp32 and onnxruntime.
+"""Benchmark: int8 in TVM (graphopt's packed AMX/VNNI/dotprod kernels) against TVM fp32 and onnxruntime.
 
     python bench/int8.py                     # every case, 100 runs per median, 5 rounds
     python bench/int8.py --cases conv3x3-64 --repeat 50
@@ -137,7 +137,8 @@ def bench_case(name: str, work: Path, repeat: int, rounds: int, threads: int) ->
     qoperator, qdq = quantized(model, "QOperator", folder), quantized(model, "QDQ", folder)
     feeds = _feeds(model)
     start = time.perf_counter()
-    int8 = codegen.load(codegen.compile(qoperator, TARGET, folder / "int8").library)
+    built = codegen.compile(qoperator, TARGET, folder / "int8")
+    int8 = codegen.load(built.library)
     build_s = time.perf_counter() - start
     fp32 = codegen.load(codegen.compile(model, TARGET, folder / "fp32").library)
     session, ort_qoperator = ort_runner(qoperator, feeds, repeat, threads)
@@ -156,6 +157,7 @@ def bench_case(name: str, work: Path, repeat: int, rounds: int, threads: int) ->
             per_round[key].append(run())
     return {"case": name, "max_abs_error_vs_ort_qoperator": error, "output_step": step,
             "tvm_int8_build_s": round(build_s, 2),
+            "tvm_int8_instruction": built.manifest["libraries"][built.library.name]["int8_instruction"],
             **{k: {"ms": min(v), "rounds_ms": [round(m, 4) for m in v]} for k, v in per_round.items()}}
 
 

@@ -56,7 +56,8 @@ def build_for_target(graph: gs.Graph, target: Target, out_dir: str | os.PathLike
     entry = next(iter(result.manifest["libraries"].values())) if "libraries" in result.manifest else {}
     section = {"target": target.name, "tvm_target": target.tvm, "library": str(result.library),
                "manifest": str(result.manifest_path), "build_seconds": round(result.seconds, 3),
-               "cuda_device_code": entry.get("cuda_device_code")}
+               "cuda_device_code": entry.get("cuda_device_code"),
+               "int8_instruction": entry.get("int8_instruction")}
     if result.host:
         section["host"] = list(result.host)
     reason = backends.of(target).cannot_run_here(target)

@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="input ONNX model (never modified)")
     _output_option(p)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--passes", default="canonicalize", metavar="SPEC",
-                       help='pass spec, e.g. "fold-constants,fold-batchnorm" (default: canonicalize)')
+    group.add_argument("--passes", metavar="SPEC",
+                       help='pass spec, e.g. "fold-constants,fold-batchnorm" (default: canonicalize; with '
+                            '--max-drop or --min-cosine and no --passes, the search chooses)')
     group.add_argument("--pipeline", metavar="FILE", help="pipeline as a YAML or TOML file")
     p.add_argument("--data", metavar="FILE", help="inputs as .npz (by input name, or x) or a folder of .npy")
     _seed_option(p)
@@ -202,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--min-cosine", type=float, metavar="C",
                       help="lowest cosine similarity to the original any output may reach. Either option replaces "
                            "the passes' own LOSSY bounds, which hold otherwise")
+    search = p.add_argument_group("search (without --passes or --pipeline, with --data and --max-drop or "
+                                  "--min-cosine: measure candidate pipelines and keep the cheapest within the gate; "
+                                  "OUTDIR/search keeps every candidate measured, and running again resumes)")
+    search.add_argument("--objective", choices=("latency", "size"), default="latency",
+                        help="what the search minimizes: latency on --target (its library where it runs here, "
+                             "else onnxruntime), or compressed bytes (default latency)")
+    search.add_argument("--search-budget", type=_duration, default=1200.0, metavar="T",
+                        help="wall-clock time the search may start candidates in: seconds, or with a unit (90s, "
+                             "20m, 1h; default 20m)")
     p.add_argument("--no-verify", action="store_true", help="skip checker, invariants and fidelity checks between passes")
     p.add_argument("--explain", action="store_true", help="print why each refused rewrite was refused")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")

@@ -96,7 +96,8 @@ def _pass_lines(records: list[dict]) -> list[str]:
 def _library_lines(cg: dict | None) -> list[str]:
     if not cg:
         return []
-    lines = [f"library {cg['library']} ({cg['target']}, built in {cg['build_seconds']:.1f}s)"]
+    int8 = f", int8 on {cg['int8_instruction']}" if cg.get("int8_instruction") else ""
+    lines = [f"library {cg['library']} ({cg['target']}{int8}, built in {cg['build_seconds']:.1f}s)"]
     lines += [f"on the host: {line}" for line in cg.get("host", [])]
     for name, f in cg.get("fidelity", {}).items():
         lines.append(f"library fidelity {name}: {_metrics(f)}; latency "

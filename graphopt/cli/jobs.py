@@ -22,7 +22,7 @@ from pathlib import Path
 
 from graphopt.cli import interrupted_by
 from graphopt.cli.console import print_report
-from graphopt.cli.progress import Progress, ProgressBar, phase
+from graphopt.cli.progress import Progress, ProgressBar, phase, search_progress
 from graphopt.ir import io
 from graphopt.ir.errors import GraphoptError
 from graphopt.ir.shapes import parse_input_shapes, specialize
@@ -68,24 +68,35 @@ def cmd_tune(args) -> int:
 
 
 def cmd_optimize(args) -> int:
-    spec = Pipeline.load(args.pipeline) if args.pipeline else Pipeline.parse(args.passes)
-    return _job(args, spec, write_model=True)
+    if args.pipeline:
+        return _job(args, Pipeline.load(args.pipeline), write_model=True)
+    if args.passes is not None or (args.max_drop is None and args.min_cosine is None):
+        return _job(args, Pipeline.parse(args.passes or "canonicalize"), write_model=True)
+    if args.data is None:
+        raise UsageError("the search (--max-drop or --min-cosine without --passes) measures candidates on data "
+                         "held aside from calibration: give --data, or a pipeline with --passes")
+    return _job(args, None, write_model=True)
 
 
 def cmd_compile(args) -> int:
     return _job(args, Pipeline([]), write_model=False)
 
 
-def _job(args, pipeline: Pipeline, write_model: bool) -> int:
-    """Passes, then (with --target) tuning and compilation; all outputs appear together or not at all."""
+def _job(args, pipeline: Pipeline | None, write_model: bool) -> int:
+    """Passes (with None, those the search chooses), then (with --target) tuning and compilation;
+    all outputs appear together or not at all."""
     out_dir = Path(args.output)
     target = _target(args)
     _check_output_dir(Path(args.model), out_dir, output_names(write_model, target))
     shapes = parse_input_shapes(args.input_shape)
-    progress = None if args.quiet or not pipeline else Progress()
     staging = _Staging(out_dir)
+    found = None
+    progress = None if args.quiet or pipeline == [] else Progress()
     try:
         with staging:
+            if pipeline is None:
+                found = _search(args, target, out_dir)
+                pipeline = Pipeline.parse(found.spec)
             try:
                 result = optimize(args.model, pipeline, data=args.data, verify=not args.no_verify,
                                   instruments=(progress,) if progress else (), seed=args.seed,
@@ -97,6 +108,8 @@ def _job(args, pipeline: Pipeline, write_model: bool) -> int:
             finally:
                 if progress:
                     progress.end_line()
+            if found is not None:
+                result.report["search"] = found.section
             try:
                 _write_outputs(result, staging, out_dir, args, target, write_model, shapes)
                 if interrupted_by() is not None:  # a library swallowed the KeyboardInterrupt
@@ -150,6 +163,33 @@ def _check_output_dir(model: Path, out_dir: Path, names: list[str]) -> None:
 
 def _os_reason(e: OSError) -> str:
     return e.strerror or str(e)
+
+
+def _search(args, target, out_dir: Path):
+    """The search's result: the cheapest pipeline within the gate (graphopt.search)."""
+    from graphopt import search
+
+    timer, timed_on = _search_timer(target)
+    return search.search(args.model, args.data, timer=timer, timed_on=timed_on, folder=out_dir / "search",
+                         max_drop=args.max_drop, min_cosine=args.min_cosine, objective=args.objective,
+                         budget_s=args.search_budget, int8_lowering=target is not None and target.device == "cpu",
+                         seed=args.seed, progress=None if args.quiet else search_progress(args.objective))
+
+
+def _search_timer(target):
+    """What candidates are timed with, and where, in words: the target's library where it runs
+    here, else onnxruntime on this machine."""
+    from graphopt import deploy
+    from graphopt.ir import ort
+
+    timer = deploy.target_timer(target) if target is not None else None
+    if timer is not None:
+        def quiet(model, feeds):
+            with deploy.quiet_tvm():
+                return timer(model, feeds)
+
+        return quiet, f"the {target.name} library compiled by TVM, on this machine"
+    return (lambda model, feeds: ort.measure_latency(model, feeds).median_ms), "onnxruntime on this machine"
 
 
 def _timer(target, pipeline: Pipeline):

@@ -54,6 +54,28 @@ class Progress(Instrument):
             self._open = False
 
 
+def search_progress(objective: str):
+    """The search's progress callback: a line on stderr per candidate, with its cost and quality,
+    the best cost within the gate so far and the time left to start new candidates."""
+    count = [0]
+
+    def cost(trial) -> str:
+        value = trial.cost(objective)
+        if value is None:
+            return "-"
+        return f"{value:.4g} ms" if objective == "latency" else f"{value:,} bytes"
+
+    def show(trial, best, left_s: float) -> None:
+        count[0] += 1
+        quality = "" if trial.quality() is None else f", {trial.quality():.4g}"
+        verdict = f"{cost(trial)}{quality}" if trial.feasible else f"outside the gate: {trial.reason[:100]}"
+        best_text = cost(best) if best is not None else "-"
+        print(f"search [{count[0]}] {trial.what}: {verdict} | best {best_text}, {left_s / 60:.1f} min left",
+              file=sys.stderr, flush=True)
+
+    return show
+
+
 def phase(line: str) -> None:
     """A `progress` callback of graphopt.deploy's build (compiling, checking, timing the library):
     one line on stderr per long phase that prints nothing else."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.codegen import backends, host_encoders, manifest, onnx_import
+from graphopt.codegen import backends, host_encoders, int8_import, int8_kernels, manifest, onnx_import
 from graphopt.codegen.targets import Target, fcompile, resolve, tvm_error_summary
 from graphopt.ir import io
 from graphopt.ir.errors import CodegenError
@@ -63,6 +63,7 @@ def compile(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Targe
     hosted = host_encoders.split(proto)
     check_supported(hosted.model)
     mod = to_relax(hosted.model, hosted.library_shapes(shapes), target)
+    int8 = int8_kernels.instruction_used(mod) or ("generic" if _has_integer_ops(hosted.model) else None)
     arguments = _tensor_specs(proto_inputs(hosted.model), mod["main"].params)
     signature = {"inputs": hosted.user_inputs([i.name for i in proto_inputs(proto)], arguments),
                  "host_encoders": [e.to_json() for e in hosted.encoders],
@@ -74,7 +75,7 @@ def compile(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Targe
     library = Path(out_dir) / f"{name}.{target.name}.so"
     linker = fcompile(target)
     device_code = _export(executable, target, library, linker)
-    entry = _entry(target, tuned, device_code, " ".join(linker.command), time.perf_counter() - start)
+    entry = _entry(target, tuned, device_code, int8, " ".join(linker.command), time.perf_counter() - start)
     model_info = {"name": name, "model_sha256": digest, **signature}
     written = manifest.record(library.parent, model_info, library.name, entry)
     return BuildResult(library, library.parent / manifest.FILENAME, written, time.perf_counter() - start,
@@ -197,6 +198,12 @@ def _read(model) -> tuple[onnx.ModelProto, str]:
     return io.load_model(model), hashlib.sha256(Path(model).read_bytes()).hexdigest()
 
 
+def _has_integer_ops(model: onnx.ModelProto) -> bool:
+    """Whether the model has an integer conv or matmul (QLinearConv, MatMulInteger, ...)."""
+    nodes = [*_all_nodes(model.graph), *(n for f in model.functions for n in f.node)]
+    return any(n.op_type in int8_import.CONVERTERS for n in nodes)
+
+
 def _all_nodes(graph: onnx.GraphProto):
     for node in graph.node:
         yield node
@@ -251,14 +258,17 @@ def _export(executable, target: Target, library: Path, linker) -> str | None:
     return device_code
 
 
-def _entry(target: Target, tuned: dict | None, device_code: str | None, linker: str,
+def _entry(target: Target, tuned: dict | None, device_code: str | None, int8: str | None, linker: str,
            seconds: float) -> dict:
+    """The manifest's entry for one library. "int8_instruction": what its packed int8 kernels
+    multiply with ("amx", "vnni", "sdot"), "generic" where its integer ops have none, None
+    without integer ops; the loader requests AMX from Linux for "amx"."""
     import tvm
     import tvm_ffi
 
     return {"target": target.name, "tvm_target": target.tvm, "tvm_host": target.host,
             "device": target.device, "linker": linker, "database": tuned,
-            "cuda_device_code": device_code, "graphopt_version": _graphopt_version(),
+            "cuda_device_code": device_code, "int8_instruction": int8, "graphopt_version": _graphopt_version(),
             "tvm_version": tvm.__version__, "tvm_ffi_version": tvm_ffi.__version__,
             "build_seconds": round(seconds, 3)}
 

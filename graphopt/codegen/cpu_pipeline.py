@@ -1,24 +1,27 @@
 """The Relax pipeline graphopt compiles CPU targets with (x86, aarch64).
 
 TVM 0.27's CPU pipeline legalizes and fuses operators and then schedules none of the kernels;
-this one runs the same TVM passes with three changes:
+this one runs the same TVM passes with these changes:
 
 1. convolutions become NHWC with HWIO weights (`ConvertLayout`), so that output channels are the
    contiguous axis of the output and of the weights, the axis the default schedules vectorize;
 2. inference batch_norm with constant statistics becomes a multiply and an add, dropout the
-   identity, and constant weights are transposed in numpy, so that BatchNorm fuses into the
-   convolution before it, ConvertLayout does not trip on dropout, and the build compiles no
-   kernel just to fold a constant;
-3. every kernel without a schedule gets `cpu_schedules.schedule`. Kernels a MetaSchedule
+   identity, scalar constants of elementwise operators get their tensor's rank (and Clip is
+   `clip.py`'s maximum and minimum), and constant weights are transposed in numpy, so that
+   BatchNorm and ReLU6 fuse into the convolution before them, ConvertLayout does not trip on
+   dropout or scalars, and the build compiles no kernel just to fold a constant;
+3. large constant weights are packed for the kernels that read them (`weight_packing`), and
+   exp, sigmoid, tanh, erf and softmax become polynomials that vectorize (`_fast_math`);
+4. every kernel without a schedule gets `cpu_schedules.schedule`. Kernels a MetaSchedule
    database scheduled (`tirx.is_scheduled`) are left alone: a tuned build keeps its tuned
    kernels and falls back to the defaults only for the rest. (`build.lower_for_tuning` runs
-   steps 1 and 2 already, so tuned and default kernels share one layout.)
+   steps 1 to 3 already, so tuned and default kernels share one layout.)
 """
 from __future__ import annotations
 
 import numpy as np
 
-from graphopt.codegen import cpu_schedules, transpose_sinking
+from graphopt.codegen import cpu_schedules, transpose_sinking, weight_packing
 from graphopt.codegen.targets import Target
 
 
@@ -46,6 +49,7 @@ def lowering_passes(target: Target) -> list:
     """The passes up to fused, unscheduled TIR kernels: layout, constant folding, TVM's
     legalization and fusion. These kernels are the workloads MetaSchedule tunes, so that a tuned
     kernel and the default it competes with compute the same NHWC loop nest."""
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     tvm_target = target.tvm_target()
@@ -53,8 +57,13 @@ def lowering_passes(target: Target) -> list:
         *cpu.library_dispatch_passes(tvm_target),
         _inference_forms(),
         _channels_last(),
+        # ConvertLayout transposes a tensor once per consumer: a residual's input twice.
+        relax.transform.EliminateCommonSubexpr(),
         _constant_layouts(),
         transpose_sinking.sink_transposes(),  # between int8 kernels, which compute NHWC
+        # After the layout passes, which know no call_tir:
+        weight_packing.pack_weights(cpu_schedules.simd_of(tvm_target).lanes),
+        _fast_math(),
         *cpu.legalize_passes(tvm_target),
     ]
 
@@ -91,7 +100,7 @@ def _channels_last():
     return _convert
 
 
-def _rewrite_calls(name: str, rewrite):
+def rewrite_calls(name: str, rewrite):
     """A module pass that replaces each call, innermost first, with `rewrite(builder, call)`
     where that is not None."""
     import tvm
@@ -116,7 +125,8 @@ def _rewrite_calls(name: str, rewrite):
 
 
 def _inference_forms():
-    """batch_norm with constant statistics as a multiply and an add, dropout as the identity.
+    """batch_norm with constant statistics as a multiply and an add, dropout as the identity,
+    scalar operands of elementwise operators with the other operand's rank.
 
     TVM legalizes batch_norm into a kernel of its own, which nothing fuses into the convolution
     before it; and its ConvertLayout fails on dropout's tuple. Both ops as TVM legalizes them
@@ -126,6 +136,8 @@ def _inference_forms():
 
     def rewrite(builder, call):
         name = getattr(call.op, "name", None)
+        if name in _ELEMENTWISE_BINARY:
+            return _scalar_as_rank(call)
         if name == "relax.nn.dropout":
             return relax.Tuple([call.args[0], builder.emit(relax.op.ones_like(call.args[0]))])
         folded = _scale_and_shift(call) if name == "relax.nn.batch_norm" else None
@@ -135,7 +147,54 @@ def _inference_forms():
         return relax.Tuple([builder.emit(relax.op.add(scaled, relax.const(folded[1]))),
                             call.args[3], call.args[4]])
 
-    return _rewrite_calls("GraphoptInferenceForms", rewrite)
+    return rewrite_calls("GraphoptInferenceForms", rewrite)
+
+
+# Binary operators whose layout ConvertLayout infers only when both operands have the same rank.
+_ELEMENTWISE_BINARY = frozenset(f"relax.{op}" for op in ("add", "subtract", "multiply", "divide", "maximum",
+                                                          "minimum", "power"))
+
+
+def _scalar_as_rank(call):
+    """The call with its scalar constant operand reshaped to [1, ..., 1] of the other's rank;
+    None if it has none. ConvertLayout gives up on a binary operator with a scalar operand and
+    wraps it in transposes back to NCHW: ReLU6 (Clip, as maximum and minimum with scalars) then
+    stays out of every MobileNet convolution's epilogue, a kernel and two transposes of its own."""
+    import tvm
+    from tvm import relax
+
+    ranks = [len(a.ty.shape.values) if getattr(a.ty, "shape", None) is not None else None for a in call.args]
+    scalar = [i for i, a in enumerate(call.args) if isinstance(a, tvm.ir.GenericConst) and ranks[i] == 0]
+    if len(scalar) != 1 or not ranks[1 - scalar[0]]:
+        return None
+    args = list(call.args)
+    value = args[scalar[0]].value.numpy()
+    args[scalar[0]] = relax.const(value.reshape([1] * ranks[1 - scalar[0]]), str(value.dtype))
+    return relax.Call(call.op, args, call.attrs)
+
+
+def _fast_math():
+    """exp, sigmoid, tanh, erf and softmax as TOPI's polynomial forms, which vectorize: LLVM
+    turns a vector `llvm.exp` into one libm call per lane, and an EfficientNet's SiLU epilogues
+    then cost 3x its convolutions. TOPI's forms are within 4e-6 relative of exp and 4e-7 of
+    tanh and erf in float32 (measured over their whole range)."""
+    from tvm import topi
+
+    def sigmoid(x):
+        return topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x))))
+
+    forms = {"relax.exp": topi.fast_exp, "relax.erf": topi.fast_erf, "relax.tanh": topi.fast_tanh,
+             "relax.sigmoid": sigmoid}
+
+    def rewrite(builder, call):
+        name = getattr(call.op, "name", None)
+        if str(getattr(call.ty, "dtype", "")) != "float32":
+            return None  # TOPI's forms are float32 polynomials
+        if name == "relax.nn.softmax":
+            return builder.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis))
+        return builder.call_te(forms[name], call.args[0]) if name in forms else None
+
+    return rewrite_calls("GraphoptFastMath", rewrite)
 
 
 def _constant_layouts():
@@ -148,7 +207,7 @@ def _constant_layouts():
             return relax.const(_reshaped(call))
         return None
 
-    return _rewrite_calls("GraphoptConstantLayouts", rewrite)
+    return rewrite_calls("GraphoptConstantLayouts", rewrite)
 
 
 def _is_static_constant(call) -> bool:

@@ -33,13 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from graphopt.codegen import int8_import
+from graphopt.codegen.int8_kernels import OPAQUE
 from graphopt.ir.errors import CodegenError
 
 if TYPE_CHECKING:
     from tvm import relax
 
-# relax's OpPatternKind.kOpaque: FuseOps leaves the kernel alone, so every call shares it.
-_OPAQUE = 8
 
 
 def dynamic_quantize_linear(bb: relax.BlockBuilder, inputs: Sequence, attrs: dict[str, Any]) -> relax.Expr:
@@ -142,7 +141,7 @@ def _reduce(data, reducer, name: str):
 
 def _opaque(func):
     # Without "global_symbol": the module names the kernel where it is added.
-    return func.without_attr("global_symbol").with_attr("op_pattern", _OPAQUE)
+    return func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
 
 
 def _shape(expr) -> list[int]:

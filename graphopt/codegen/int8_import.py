@@ -9,10 +9,13 @@ The kernel depends on the target, which reaches the converters as TVM's current 
 (`build.to_relax` enters it, as TVM's own operator strategies read it):
 
 - a CPU with a dot-product instruction (`int8_kernels.instruction_for`), constant weights, one
-  group and weights that fit int8 once centred: the packed, tensorized kernel of `int8_kernels`,
-  on NHWC data. The kernel's NHWC output is returned transposed back to NCHW, and a consumer
+  group and weights that fit int8 once centred: the packed, tensorized kernel of `int8_kernels`
+  (of `amx_kernels`, on AMX tiles, where `int8_kernels.kernel_for` says "amx"), on NHWC data.
+  The kernel's NHWC output is returned transposed back to NCHW, and a consumer
   that is itself a packed convolution takes the NHWC tensor directly; where float operators
   lie between two of them, `transpose_sinking` (in the CPU pipeline) cancels the transposes;
+- a depthwise convolution (group == C == OC) on a CPU, with constant weights and data zero
+  point: the NHWC vector kernel of `int8_depthwise`, in and out as the packed kernel's;
 - anything else (no target, CUDA, a CPU without VNNI or dotprod, grouped convolutions, a
   matmul whose b is computed; convolution weights must be constants):
   int32 Relax ops, `conv2d`/`matmul` with `out_dtype="int32"` on zero-point-centred int32
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from graphopt.codegen import int8_kernels
+from graphopt.codegen import amx_kernels, int8_depthwise, int8_kernels
 from graphopt.codegen.int8_kernels import ConvShape, DotInstruction, Requant
 from graphopt.ir.errors import CodegenError
 
@@ -108,6 +111,10 @@ def _conv(bb, x, x_zp, w: np.ndarray, w_zp: np.ndarray, bias: np.ndarray, attrs:
     if packs and not any(shape.pads):
         raw = bb.emit(_packed_conv(bb, x, 0, centred.astype(np.int8), bias, shape, inst, None))
         return _minus_zero_point_share(raw, x_zp, centred.sum(axis=(1, 2, 3)).reshape(1, -1, 1, 1))
+    depthwise = int8_depthwise.vectors_for(shape, int(attrs.get("group", 1)), centred)
+    if depthwise is not None and isinstance(x_zp, int):
+        out = int8_depthwise.emit(bb, _nhwc(bb, x), x_zp, centred, bias, shape, depthwise, requant)
+        return _relax().op.permute_dims(out, _NHWC_TO_NCHW)
     return _generic_conv(bb, x, x_zp, centred, bias, shape, int(attrs.get("group", 1)), requant)
 
 
@@ -121,16 +128,17 @@ def _packed(bb, x_nhwc, x_zp: int, w: np.ndarray, bias: np.ndarray, shape: ConvS
     """The packed kernel's NHWC output (a bound var), for NHWC data."""
     relax = _relax()
     dtype = _dtype(x_nhwc)
+    kernels = _kernels()
     zp = int8_kernels.kernel_zero_point(x_zp, dtype, inst)
     ocp = -(-shape.oc // inst.lanes) * inst.lanes
     # Sum of (x - zp) * w = sum of x * w - zp * sum of w: the second term is a per-channel constant.
     total = bias - zp * w.astype(np.int64).sum(axis=(1, 2, 3))
     if np.abs(total).max(initial=0) >= 2**31:
         raise CodegenError("an integer convolution's bias does not fit int32 once zero points are folded in")
-    args = [x_nhwc, relax.const(int8_kernels.pack_weights(w, inst)), relax.const(_padded(total, ocp, np.int32))]
+    args = [x_nhwc, relax.const(kernels.pack_weights(w, inst)), relax.const(_padded(total, ocp, np.int32))]
     if requant is not None:
         args.append(relax.const(_padded(requant[0], ocp, np.float32)))
-    kernel = int8_kernels.conv_kernel(shape, dtype, x_zp, inst, None if requant is None else requant[1])
+    kernel = kernels.conv_kernel(shape, dtype, x_zp, inst, None if requant is None else requant[1])
     out_dtype = "int32" if requant is None else requant[1].dtype
     gvar = bb.add_func(kernel, "int8_conv")
     out_type = relax.TensorType([shape.n, *shape.out_hw, shape.oc], out_dtype)
@@ -292,6 +300,14 @@ def _instruction() -> DotInstruction | None:
     import tvm
 
     return int8_kernels.instruction_for(tvm.target.Target.current(allow_none=True))
+
+
+def _kernels():
+    """The module whose packed kernel the current target gets: `amx_kernels` where it has AMX
+    tiles (with the same operands and interface as VNNI's), else `int8_kernels`."""
+    import tvm
+
+    return amx_kernels if int8_kernels.kernel_for(tvm.target.Target.current(allow_none=True)) == "amx" else int8_kernels
 
 
 def _multiplier(x_scale, w_scale, y_scale, op: str) -> np.ndarray:

@@ -10,7 +10,8 @@ contiguous bytes:
 - x86 with AVX-512 VNNI: `vpdpbusd` (uint8 data x int8 weights -> 16 int32);
 - aarch64 with +dotprod: `sdot` (int8 x int8 -> 4 int32);
 
-both from `int8_intrinsics`.
+both from `int8_intrinsics`. Where the target also has AMX (`kernel_for`), `amx_kernels` computes
+the same kernel on tiles, with VNNI's operands.
 
 Data whose type differs from the instruction's (int8 for VNNI, uint8 for sdot) is shifted by 128
 while the kernel pads and packs it; `kernel_zero_point` gives the zero point it pads with, and
@@ -34,13 +35,16 @@ if TYPE_CHECKING:
 
 # Marks a kernel as scheduled: graphopt's default scheduler, dlight and MetaSchedule skip it.
 SCHEDULED = "tirx.is_scheduled"
-_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge the kernel into a new PrimFunc
+OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not merge the kernel into a new PrimFunc
+# The instruction a packed kernel multiplies with ("amx", "vnni", "sdot"), as the manifest records it.
+INSTRUCTION = "graphopt.int8_instruction"
 
 
 @dataclass(frozen=True)
 class DotInstruction:
     """A dot-product instruction: `lanes` int32 sums of 4 products each, per call."""
 
+    name: str           # as the manifest records it
     intrin: str         # the registered TensorIntrin
     lanes: int
     data_dtype: str     # the data operand's type; the weights are int8
@@ -49,8 +53,8 @@ class DotInstruction:
     registers: int = 32  # vector registers: accumulators, one per block's weights, the data
 
 
-VNNI = DotInstruction(int8_intrinsics.VNNI_16X4, 16, "uint8", 28, 4)
-SDOT = DotInstruction(int8_intrinsics.SDOT_4X4, 4, "int8", 24, 8)
+VNNI = DotInstruction("vnni", int8_intrinsics.VNNI_16X4, 16, "uint8", 28, 4)
+SDOT = DotInstruction("sdot", int8_intrinsics.SDOT_4X4, 4, "int8", 24, 8)
 
 
 def instruction_for(target: tvm.target.Target | None) -> DotInstruction | None:
@@ -65,6 +69,30 @@ def instruction_for(target: tvm.target.Target | None) -> DotInstruction | None:
     if target_has_features("dotprod", target):
         return SDOT
     return None
+
+
+def kernel_for(target: tvm.target.Target | None) -> str:
+    """The packed int8 kernel `target` gets, best first: "amx" (AMX tiles, `amx_kernels`, where
+    the target has amx-tile and amx-int8; they take VNNI's operands, and every AMX CPU has VNNI),
+    "vnni", "sdot", or "generic" (no packed kernel: int32 Relax ops)."""
+    inst = instruction_for(target)
+    if inst is None:
+        return "generic"
+    from tvm.target.codegen import target_has_features
+
+    if inst is VNNI and target_has_features(["amx-tile", "amx-int8"], target):
+        return "amx"
+    return inst.name
+
+
+def instruction_used(mod: tvm.IRModule) -> str | None:
+    """The instruction of the packed int8 kernels in `mod`, the best where there are several
+    ("amx" over "vnni"); None where it has none."""
+    from tvm import tirx
+
+    used = {str(f.attrs[INSTRUCTION]) for _, f in mod.functions_items()
+            if isinstance(f, tirx.PrimFunc) and f.attrs is not None and INSTRUCTION in f.attrs}
+    return next((name for name in ("amx", VNNI.name, SDOT.name) if name in used), None)
 
 
 @dataclass(frozen=True)
@@ -120,14 +148,24 @@ class Requant:
 
 
 def requantize(acc: tvm.ir.Expr, scale: tvm.ir.Expr, requant: Requant) -> tvm.ir.Expr:
-    """The requantization of one int32 value (TIR expressions); shared with the generic path."""
+    """The requantization of one int32 value (TIR expressions), rounding half to even; shared by
+    every int8 kernel.
+
+    On CPU targets (the current target's kind is llvm) it rounds with `tirx.round`, which TVM's
+    LLVM codegen lowers to llvm.nearbyint as it does `tirx.nearbyint`, but which its vectorizer
+    keeps a vector operation where it scalarizes nearbyint (16 scalar conversions a vector: 3x the
+    time of a depthwise layer at 14x14). Elsewhere (CUDA, where round is half away from zero)
+    nearbyint."""
+    import tvm
     from tvm import tirx
 
+    target = tvm.target.Target.current(allow_none=True)
+    rounded = tirx.round if target is not None and target.kind.name == "llvm" else tirx.nearbyint
     info = np.iinfo(requant.dtype)
     # Clamp in float first: a large product would overflow the conversion to int32.
     value = acc.astype("float32") * scale
     value = tirx.max(tirx.min(value, float(info.max - requant.zero_point)), float(info.min - requant.zero_point))
-    return (tirx.nearbyint(value).astype("int32") + requant.zero_point).astype(requant.dtype)
+    return (rounded(value).astype("int32") + requant.zero_point).astype(requant.dtype)
 
 
 def conv_kernel(shape: ConvShape, data_dtype: str, zero_point: int, inst: DotInstruction,
@@ -180,7 +218,8 @@ def conv_kernel(shape: ConvShape, data_dtype: str, zero_point: int, inst: DotIns
                                                         scale[c], requant), "epilogue")
     # Without "global_symbol" ("main"): the module names the kernel where it is added.
     func = te.create_prim_func([*args, out]).without_attr("global_symbol")
-    return _schedule(func, shape, inst, needs_pack).with_attr(SCHEDULED, True).with_attr("op_pattern", _OPAQUE)
+    return (_schedule(func, shape, inst, needs_pack).with_attr(SCHEDULED, True).with_attr("op_pattern", OPAQUE)
+            .with_attr(INSTRUCTION, inst.name))
 
 
 def _tile(ow: int, ocb: int, inst: DotInstruction) -> tuple[int, int]:

@@ -30,7 +30,7 @@ import onnx.inliner
 
 from graphopt.codegen import (dynamic_quant, dynamic_quant_lstm, int8_import, ml_ops, recurrent, shape_fold,
                               winograd)
-from graphopt.codegen import control_flow
+from graphopt.codegen import control_flow, min_max
 from graphopt.codegen import dataflow_split, dynamic_shapes, label_encoder, one_hot
 from graphopt.codegen.targets import tvm_error_summary
 from graphopt.ir import ops
@@ -44,11 +44,13 @@ from graphopt.ir.errors import CodegenError
 # Scaler, Normalizer, Binarizer, TreeEnsembleClassifier, TreeEnsembleRegressor),
 # graphopt.codegen.dynamic_shapes (Reshape, Tile and ConstantOfShape by shapes computed at run
 # time, replacing TVM's), graphopt.codegen.one_hot (OneHot, replacing TVM's), graphopt.codegen.label_encoder
-# (ai.onnx.ml LabelEncoder on numbers; string lookups run on the host: host_encoders) and
+# (ai.onnx.ml LabelEncoder on numbers; string lookups run on the host: host_encoders),
+# graphopt.codegen.min_max (Clip, Max and Min, replacing TVM's, for channels-last epilogues) and
 # graphopt.codegen.winograd (graphopt's own ops, ops.DOMAIN).
 CONVERTERS: Mapping[str, Callable] = {**int8_import.CONVERTERS, **recurrent.CONVERTERS, **winograd.CONVERTERS,
                                      **ml_ops.CONVERTERS, **dynamic_quant.CONVERTERS, **dynamic_quant_lstm.CONVERTERS,
-                                     **dynamic_shapes.CONVERTERS, **one_hot.CONVERTERS, **label_encoder.CONVERTERS}
+                                     **dynamic_shapes.CONVERTERS, **one_hot.CONVERTERS, **label_encoder.CONVERTERS,
+                                     **min_max.CONVERTERS}
 _OWN_OPS = frozenset(winograd.CONVERTERS)
 
 

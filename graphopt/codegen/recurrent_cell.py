@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.codegen.int8_kernels import OPAQUE
 from graphopt.ir.errors import CodegenError
 
-# relax's OpPatternKind.kOpaque: FuseOps fuses nothing into or with the kernel.
-_OPAQUE = 8
 _ROWS_FAN_IN = 16
 
 
@@ -153,7 +152,7 @@ def _copy_rows(bb, pieces: Sequence):
         offset += shape[0]
     # Loop nests without blocks: nothing to schedule, and opaque to FuseOps.
     func = tirx.PrimFunc([*sources, out], tirx.SeqStmt(copies)).with_attrs(
-        {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": _OPAQUE})
+        {"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": OPAQUE})
     gvar = bb.add_func(func, "recurrent_rows")
     return bb.emit(relax.call_tir(gvar, list(pieces), relax.TensorType(out_shape, dtype)))
 

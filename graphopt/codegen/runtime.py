@@ -7,7 +7,8 @@
 
 Inputs are the model's own: where the manifest lists host encoders (string lookups at the model's
 inputs, `host_encoders`), `run` feeds the strings through them on the host and hands the library
-their numbers; `benchmark` times the library alone.
+their numbers; `benchmark` times the library alone. A library with AMX kernels first gets Linux's
+permission to use AMX (`amx_permission`), or a clear error where it is refused.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.codegen import backends, host_encoders, manifest
+from graphopt.codegen import amx_permission, backends, host_encoders, manifest
 from graphopt.codegen.targets import host_arch, tvm_error_summary
 from graphopt.ir.errors import CodegenError, DataError
 
@@ -117,6 +118,8 @@ def load(path: str | os.PathLike) -> CompiledModel:
     library = _library(Path(path))
     model, entry = manifest.describe(library)
     _check_architecture(library)
+    if entry.get("int8_instruction") == "amx":
+        amx_permission.require(library)
     return CompiledModel(library, model, entry)
 
 

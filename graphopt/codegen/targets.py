@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from graphopt.codegen import amx_permission
 from graphopt.ir.errors import CodegenError
 
 DEFAULT_CUDA_ARCH = "sm_80"
@@ -112,7 +113,18 @@ def _detect_host() -> dict:
                            "use x86-64 for a generic x86 build")
     found = tvm.target.Target.from_device(tvm.cpu()).export()
     # The triple TVM reports is its own build's (e.g. x86_64-conda-linux-gnu); say what we link.
-    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": str(found["mcpu"])}
+    return runnable_here({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": str(found["mcpu"])})
+
+
+def runnable_here(spec: dict) -> dict:
+    """`spec`, this machine's CPU, with AMX turned off where the CPU has it but Linux refuses it
+    to this process (`amx_permission`): the library then gets the VNNI kernels, which run here."""
+    import tvm
+    from tvm.target.codegen import target_has_features
+
+    if not target_has_features(["amx-tile", "amx-int8"], tvm.target.Target(spec)) or amx_permission.refusal() is None:
+        return spec
+    return {**spec, "mattr": [*spec.get("mattr", []), "-amx-tile", "-amx-int8", "-amx-bf16"]}
 
 
 TARGETS: dict[str, NamedTarget] = {

@@ -77,6 +77,53 @@ SINGLE_OPS = {
                             {"y": None}),
     "maxpool": model([node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
                      {"x": (1, 16, 15, 15)}, {"y": None}),
+    # Epilogues that branch and join again (SiLU, exact Gelu) and one that broadcasts (an
+    # excitation gate, per channel, over the image), fused into one kernel each.
+    "conv-silu": model([node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), node("Sigmoid", ["c"], ["s"]),
+                        node("Mul", ["c", "s"], ["y"])], {"x": (1, 8, 14, 14)}, {"y": None},
+                       {"w": _weight(32, 8, 3, 3), "b": _weight(32)}),
+    "matmul-gelu": model([node("MatMul", ["x", "w"], ["m"]), node("Div", ["m", "r2"], ["d"]), node("Erf", ["d"], ["e"]),
+                          node("Add", ["e", "one"], ["f"]), node("Mul", ["m", "f"], ["g"]), node("Mul", ["g", "half"], ["y"])],
+                         {"x": (1, 16, 48)}, {"y": None},
+                         {"w": _weight(48, 64), "r2": np.float32(2 ** 0.5), "one": np.float32(1), "half": np.float32(0.5)}),
+    "excitation-gate": model([node("Conv", ["x", "v"], ["a"]), node("GlobalAveragePool", ["a"], ["p"]),
+                              node("Conv", ["p", "w", "b"], ["q"]), node("Sigmoid", ["q"], ["g"]),
+                              node("Mul", ["a", "g"], ["y"])],
+                             {"x": (1, 16, 28, 28)}, {"y": None},
+                             {"v": _weight(32, 16, 1, 1), "w": _weight(32, 32, 1, 1), "b": _weight(32)}),
+    "softmax-tanh-exp": model([node("Softmax", ["x"], ["s"], axis=-1), node("Tanh", ["x"], ["t"]), node("Exp", ["x"], ["e"]),
+                               node("Add", ["s", "t"], ["u"]), node("Add", ["u", "e"], ["y"])],
+                              {"x": (2, 12, 40)}, {"y": None}),
+    # Weights of 1 MB and more, packed at compile time (`weight_packing`).
+    "conv-packed-strided": model([node("Conv", ["x", "w", "b"], ["y"], pads=[1, 2, 1, 0], strides=[2, 1],
+                                       dilations=[1, 2])], {"x": (1, 128, 9, 10)}, {"y": None},
+                                 {"w": _weight(256, 128, 3, 3), "b": _weight(256)}),
+    "matmul-packed": model([node("MatMul", ["x", "w"], ["y"])], {"x": (2, 5, 512)}, {"y": None},
+                           {"w": _weight(512, 544)}),
+    "gemm-transB-packed": model([node("Gemm", ["x", "w", "b"], ["y"], transB=1)], {"x": (3, 600)}, {"y": None},
+                                {"w": _weight(512, 600), "b": _weight(512)}),
+    # ReLU6 as opset 13 writes it (bounds as inputs; a NaN bound is none) and as opset 6 did.
+    "conv-relu6": model([node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), node("Clip", ["c", "lo", "hi"], ["y"])],
+                        {"x": (1, 8, 10, 10)}, {"y": None},
+                        {"w": _weight(16, 8, 3, 3), "lo": np.float32(0), "hi": np.float32(6)}),
+    # Hard swish spelled out, scalar constants on every elementwise operator; and HardSwish itself.
+    "conv-hard-swish": model([node("Conv", ["x", "w"], ["c"]), node("Add", ["c", "three"], ["a"]),
+                              node("Clip", ["a", "lo", "hi"], ["r"]), node("Div", ["r", "six"], ["d"]),
+                              node("Mul", ["c", "d"], ["y"])], {"x": (1, 8, 10, 10)}, {"y": None},
+                             {"w": _weight(16, 8, 1, 1), "three": np.float32(3), "six": np.float32(6),
+                              "lo": np.float32(0), "hi": np.float32(6)}),
+    "conv-hardswish-op": model([node("Conv", ["x", "w"], ["c"]), node("HardSwish", ["c"], ["y"])],
+                               {"x": (1, 8, 10, 10)}, {"y": None}, {"w": _weight(16, 8, 1, 1)}),
+    "clip-nan-bound": model([node("Clip", ["x", "lo", "hi"], ["y"])], {"x": (2, 3, 5)}, {"y": None},
+                            {"lo": np.float32(np.nan), "hi": np.float32(0.5)}),
+    "clip-opset6": model([node("Clip", ["x"], ["y"], min=-0.25, max=0.5)], {"x": (2, 3, 5)}, {"y": None}, opset=6),
+    # ReLU6 as lower-int8 writes it, and Max/Min of several broadcasting inputs.
+    "conv-max-min": model([node("Conv", ["x", "w"], ["c"]), node("Max", ["c", "lo"], ["m"]),
+                           node("Min", ["m", "hi"], ["y"])], {"x": (1, 8, 6, 6)}, {"y": None},
+                          {"w": _weight(16, 8, 1, 1), "lo": np.float32(0), "hi": np.float32(6)}),
+    "max-min-variadic": model([node("Max", ["x", "z", "v"], ["m"]), node("Min", ["m", "x"], ["y"])],
+                              {"x": (2, 3, 5), "z": (3, 1), "v": (5,)}, {"y": None}),
+    "clip-run-time-bound": model([node("Clip", ["x", "lo"], ["y"])], {"x": (2, 3, 5), "lo": ()}, {"y": None}),
     # Tiled (`_schedule_transpose`), and one whose output axis is too short to tile.
     "transpose-to-nhwc": model([node("Transpose", ["x"], ["y"], perm=[0, 2, 3, 1])], {"x": (1, 48, 20, 24)},
                                {"y": None}),
@@ -124,6 +171,44 @@ def test_conv_and_matmul_kernels_are_scheduled_vectorized_and_parallel(target):
     assert len(parallel) == 5 and all("conv2d" in name for name in parallel)
     # BatchNorm is folded into each convolution's epilogue, not a kernel of its own.
     assert not [name for name in kernels if "batch_norm" in name]
+
+
+def test_branching_and_broadcasting_epilogues_are_fused_into_scheduled_parallel_kernels():
+    from tvm import tirx
+
+    for name in ("conv-silu", "matmul-gelu", "excitation-gate"):
+        kernels = _kernels(SINGLE_OPS[name], "x86")
+        # The epilogue is in the contraction's kernel.
+        contraction = [f for k, f in kernels.items() if ("conv2d" in k or "matmul" in k) and "multiply" in k]
+        assert len(contraction) == 1, (name, list(kernels))
+        assert contraction[0].attrs[SCHEDULED], name
+        assert tirx.ForKind.VECTORIZED in _loop_kinds(contraction[0]), name
+    gate = next(f for k, f in _kernels(SINGLE_OPS["excitation-gate"], "x86").items() if "conv2d" in k and "multiply" in k)
+    # The gate's matmul is 32 x 32 MACs: only its multiply over the image is worth the threads.
+    assert tirx.ForKind.PARALLEL in _loop_kinds(gate)
+
+
+def test_large_constant_weights_are_packed_once_and_their_kernels_scheduled():
+    for name in ("conv-packed-strided", "matmul-packed", "gemm-transB-packed"):
+        packed = {k: f for k, f in _kernels(SINGLE_OPS[name], "x86").items() if "packed" in k}
+        assert len(packed) == 1 and next(iter(packed.values())).attrs[SCHEDULED], name
+    small = _kernels(SINGLE_OPS["conv-1x1"], "x86")
+    assert not [k for k in small if "packed" in k]  # 12 KB of weights stay as they are
+
+
+@pytest.mark.parametrize("name", ["conv-relu6", "conv-hard-swish", "conv-hardswish-op", "conv-max-min"])
+def test_clipping_activations_are_the_convolutions_epilogue(name):
+    """Their scalar bounds do not stop the layout conversion: no transposes around them."""
+    kernels = _kernels(SINGLE_OPS[name], "x86")
+    assert len([k for k in kernels if "conv2d" in k]) == 1 and len(kernels) == 3, list(kernels)
+
+
+def test_transcendental_functions_are_polynomials_that_vectorize():
+    """No libm call per lane: exp, sigmoid, tanh, erf and softmax reach LLVM as arithmetic."""
+    for name in ("conv-silu", "matmul-gelu", "softmax-tanh-exp"):
+        for kernel, func in _kernels(SINGLE_OPS[name], "x86").items():
+            script = func.script()
+            assert not any(f"T.{fn}(" in script for fn in ("exp", "sigmoid", "tanh", "erf")), (name, kernel)
 
 
 def test_convolutions_are_channels_last():

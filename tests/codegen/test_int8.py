@@ -294,19 +294,6 @@ def test_quantized_digits_built_for_arm_dotprod_matches_onnxruntime(digits_int8,
     assert np.abs(got - expected[name]).max() < 0.5
 
 
-@pytest.fixture(scope="module")
-def digits_lowered(tmp_path_factory) -> Path:
-    """The digits CNN through graphopt's own int8 pipeline, as `graphopt optimize` runs it."""
-    import graphopt
-
-    result = graphopt.optimize(str(MODELS / "digits_cnn.onnx"), "canonicalize,quantize,lower-int8",
-                               data=str(MODELS / "digits_calib.npz"), latency=False)
-    path = tmp_path_factory.mktemp("lowered") / "digits_lowered.onnx"
-    graphopt.save(result.graph, path)
-    assert {"QLinearConv", "MatMulInteger"} <= {n.op_type for n in onnx.load(path).graph.node}
-    return path
-
-
 @pytest.mark.parametrize("target", ["x86", "x86-64"])
 def test_lowered_digits_predictions_match_onnxruntime(digits_lowered, target, tmp_path):
     if target == "x86" and not HOST_VNNI:

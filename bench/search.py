@@ -1,0 +1,149 @@
+"""Benchmark: the search to a budget (issue 16) against a fixed pipeline written by hand.
+
+    python bench/search.py                          # digits (5 min) and ResNet-18 (20 min)
+    python bench/search.py --models digits --budget 120
+
+For each model, `graphopt optimize MODEL --data D --max-drop 1% --target x86 --search-budget B`
+runs as a user would (the CLI, in this process), and so does the hand-written pipeline below with
+the same data and target. Columns: onnxruntime fp32 on the original (one sample, median of 50 runs
+after warm-up, taken in turns with the two libraries: `bench.timing`), the chosen library and the
+hand pipeline's library, their speed-ups over onnxruntime, top-1 on the held-aside half of the
+data (accuracy against the labels; for ResNet-18, agreement with the original's predictions), the
+candidates measured and the search's wall time.
+
+Models: the bundled digits CNN with its labelled test set (540 samples: 270 calibrate, 270 judge)
+and torchvision's pretrained ResNet-18 from the corpus (models/corpus/make_torch_models.py builds
+it into ~/.cache/graphopt/corpus) on 256 synthetic images (smooth random fields at ImageNet's
+mean and spread; no image dataset ships here), judged by agreement. Target (issue 16): the chosen
+model at least 3x faster than the original in onnxruntime fp32, within 1 point (digits) / at 99%
+agreement, found within 20 minutes on a 2-core machine. Writes bench/results/search.json and
+search.md, with the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]  # this checkout's graphopt, not an installed one
+from timing import machine  # bench/ is on sys.path when run as a script
+
+RESULTS = ROOT / "bench" / "results"
+CORPUS = Path.home() / ".cache" / "graphopt" / "corpus" / "torch"
+HAND = "canonicalize,prune-channels(ratio=0.5,round_to=8),quantize,lower-int8"
+MODELS = {
+    "digits": (ROOT / "models" / "digits_cnn.onnx", 300),
+    "resnet18": (CORPUS / "torch-resnet18" / "resnet18.onnx", 1200),
+}
+
+
+def images(count: int, seed: int = 0) -> np.ndarray:
+    """Smooth random RGB fields, normalized as torchvision normalizes ImageNet images: upsampled
+    8x8 noise, so that neighbouring pixels agree as in photographs."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.standard_normal((count, 3, 8, 8)).astype(np.float32)
+    fine = coarse.repeat(28, axis=2).repeat(28, axis=3)
+    return (fine + 0.3 * rng.standard_normal(fine.shape).astype(np.float32)) / 1.1
+
+
+def data_for(name: str, folder: Path) -> Path:
+    if name == "digits":
+        return ROOT / "models" / "digits_test.npz"
+    path = folder / f"{name}_data.npz"
+    np.savez(path, x=images(256))
+    return path
+
+
+def run(name: str, model: Path, budget: float, work: Path) -> dict:
+    from graphopt.cli import main
+
+    data = data_for(name, work)
+    searched, hand = work / f"{name}_search", work / f"{name}_hand"
+    common = ["--data", str(data), "--target", "x86", "-q"]
+    if main(["optimize", str(model), *common, "--max-drop", "1%", "--search-budget", str(budget),
+             "-o", str(searched)]) != 0:
+        raise SystemExit(f"{name}: the search failed")
+    if main(["optimize", str(model), *common, "--passes", HAND, "--no-verify", "-o", str(hand)]) != 0:
+        raise SystemExit(f"{name}: the hand pipeline failed")
+    report = json.loads((searched / "report.json").read_text())
+    hand_report = json.loads((hand / "report.json").read_text())
+    ort_ms, search_ms, hand_ms = _interleaved(model, searched, hand, data)
+    search = report["search"]
+    return {"model": name, "budget_s": budget, "elapsed_s": search["elapsed_s"],
+            "candidates": len(search["candidates"]), "chosen": report["pipeline"], "hand": HAND,
+            "metric": report.get("accuracy", {}).get("metric"),
+            "top1_before": report["accuracy"]["before"], "top1_search": report["accuracy"]["after"],
+            "top1_hand": hand_report.get("accuracy", {}).get("after"),
+            "ort_fp32_ms": ort_ms, "search_ms": search_ms, "hand_ms": hand_ms,
+            "speedup_search": round(ort_ms / search_ms, 2), "speedup_hand": round(ort_ms / hand_ms, 2),
+            "pareto": [{k: p[k] for k in ("spec", "latency_ms", "accuracy")} for p in search["pareto"]]}
+
+
+def _interleaved(model: Path, searched: Path, hand: Path, data: Path, rounds: int = 5, repeat: int = 50):
+    """Best-of-rounds medians: onnxruntime on the original, the chosen library, the hand library."""
+    import statistics
+    import time
+
+    from graphopt import codegen
+    from graphopt.ir import ort
+
+    x = np.load(data)["x"][:1]
+    session = ort.session(str(model), optimize=True)
+    name = session.get_inputs()[0].name
+    libraries = [codegen.load(next(folder.glob("*.so"))) for folder in (searched, hand)]
+    runs = [lambda: session.run(None, {name: x})] + [lambda lib=lib: lib.run({name: x}) for lib in libraries]
+    best = [float("inf")] * len(runs)
+    for _ in range(rounds):
+        for i, f in enumerate(runs):
+            for _ in range(5):
+                f()
+            times = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                f()
+                times.append(1000 * (time.perf_counter() - start))
+            best[i] = min(best[i], statistics.median(times))
+    return [round(t, 5) for t in best]
+
+
+def markdown(rows: list[dict], where: dict) -> str:
+    lines = [f"# Search to a budget vs a hand pipeline ({where['cpu']}, {where['logical_cpus']} CPUs)", "",
+             f"Hand pipeline: `{HAND}`", "",
+             "| model | ORT fp32 ms | search ms (x) | hand ms (x) | top-1 before / search / hand | candidates | "
+             "search s | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['ort_fp32_ms']:.4g} | {r['search_ms']:.4g} ({r['speedup_search']}x) | "
+                     f"{r['hand_ms']:.4g} ({r['speedup_hand']}x) | {r['top1_before']} / {r['top1_search']} / "
+                     f"{r['top1_hand']} | {r['candidates']} | {r['elapsed_s']} | `{r['chosen']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--budget", type=float, help="search budget in seconds for every model "
+                                                     "(default: 300 digits, 1200 ResNet-18)")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="graphopt-search-bench-") as tmp:
+        for name in args.models.split(","):
+            model, budget = MODELS[name]
+            if not model.exists():
+                print(f"{name}: {model} is missing; build it with models/corpus/make_torch_models.py", file=sys.stderr)
+                continue
+            rows.append(run(name, model, args.budget or budget, Path(tmp)))
+            print(json.dumps(rows[-1], indent=1))
+    where = machine()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "search.json").write_text(json.dumps({"machine": where, "rows": rows}, indent=1))
+    (RESULTS / "search.md").write_text(markdown(rows, where))
+    print(markdown(rows, where))
+
+
+if __name__ == "__main__":
+    main()
