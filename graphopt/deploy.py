@@ -153,13 +153,18 @@ def _batches(lib: codegen.CompiledModel, feeds: dict[str, np.ndarray]) -> list[d
 
 def tune_for_target(graph: gs.Graph, target: Target, database: str | os.PathLike, trials: int,
                     seconds: float | None, progress: Callable[[int, int, float | None], None] | None,
-                    feeds: dict[str, np.ndarray] | None = None) -> dict:
+                    feeds: dict[str, np.ndarray] | None = None, remote=None) -> dict:
     """Tune with MetaSchedule into `database` and return the report's `tuning` section. Give the
-    `feeds` that `build_for_target` gets, so that the kernels tuned have the shapes built."""
+    `feeds` that `build_for_target` gets, so that the kernels tuned have the shapes built. With
+    `remote` (a `codegen.rpc.Remote`), the kernels are measured on the devices of its RPC tracker."""
     from graphopt.codegen import tune
 
     shapes = None if feeds is None else library_shapes(graph, feeds)
     with quiet_tvm():
-        result = tune.tune(graph, target, database, trials=trials, seconds=seconds, progress=progress, shapes=shapes)
-    return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in vars(result).items()}
+        result = tune.tune(graph, target, database, trials=trials, seconds=seconds, progress=progress, shapes=shapes,
+                           remote=remote)
+    section = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in vars(result).items()}
+    if remote is not None:
+        section["rpc"] = {"tracker": remote.address, "key": remote.key}
+    return section
 

@@ -35,7 +35,7 @@ def quick_start() -> list[list[str]]:
 
 
 def codegen_examples() -> list[list[str]]:
-    section = README.split("## Code generation", 1)[1]
+    section = README.split("## Code generation", 1)[1].split("\n## ", 1)[0]
     return [argv for block in re.findall(r"^```bash\n(.*?)^```", section, re.S | re.M) for argv in commands(block)]
 
 

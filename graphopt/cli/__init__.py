@@ -7,6 +7,7 @@ needs none of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import os
@@ -99,6 +100,14 @@ def _target_options(p: argparse.ArgumentParser, required: bool = False, db_requi
                    new="--time-budget", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+def _rpc_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measuring on devices (a TVM RPC tracker: graphopt farm up starts one here)")
+    g.add_argument("--rpc", metavar="HOST:PORT",
+                   help="measure on the RPC servers registered with this tracker instead of on this machine; "
+                        "kernels are built here, and the database stays here")
+    g.add_argument("--rpc-key", metavar="KEY", help="the key the servers registered under (rpc_server --key)")
+
+
 def _input_shape_option(p: argparse.ArgumentParser, compiles: bool = False) -> None:
     more = ("; the library is built for these dims (x=4,1,8,8: it takes batches of 4)" if compiles else
             ". MACs, random inputs and shape analysis use them; --data's shapes serve the same way when "
@@ -166,6 +175,13 @@ def _outdir(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty name: give the folder for the outputs")
     return text
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port (1 to 65535)")
+    return value
 
 
 def _target_name(text: str) -> str:
@@ -252,7 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="input ONNX model")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _target_options(p, required=True, db_required=True)
-    p.set_defaults(func=_command("jobs", "cmd_tune"), tune=True)
+    _rpc_options(p)
+    p.set_defaults(func=_command("remote", "cmd_tune"), tune=True)
+
+    p = sub.add_parser("farm", help="start, show or stop a TVM RPC tracker and servers on 127.0.0.1",
+                       description="A local device farm for tune --rpc: a TVM RPC tracker and N RPC servers on "
+                                   "127.0.0.1, started detached and recorded in --dir.",
+                       epilog=EXIT_CODES, formatter_class=fmt)
+    farm = p.add_subparsers(dest="farm_command", required=True, metavar="ACTION")
+    up = farm.add_parser("up", help="start a tracker and --servers N servers; print the --rpc options to use")
+    up.add_argument("--servers", type=_positive, default=1, metavar="N", help="RPC servers to start (default 1)")
+    up.add_argument("--port", type=_port, metavar="P", help="the tracker's port (default 9190, or a free one if "
+                                                            "9190 is taken)")
+    up.add_argument("--key", default="local", metavar="KEY", help="the key the servers register under "
+                                                                  "(default local)")
+    up.add_argument("--arm", action="store_true", help="servers in the emulated aarch64 Python (not yet)")
+    status = farm.add_parser("status", help="the tracker's servers and queues")
+    status.add_argument("--json", action="store_true", help="print the tracker's summary as JSON")
+    down = farm.add_parser("down", help="stop the tracker and servers (their logs stay)")
+    for action in (up, status, down):
+        action.add_argument("--dir", metavar="DIR", help="where the farm's state and logs are (default "
+                                                         "~/.cache/graphopt/farm)")
+    p.set_defaults(func=_command("remote", "cmd_farm"))
 
     p = sub.add_parser("inspect", help="ops, parameters, size, MACs per layer, inputs and outputs")
     p.add_argument("model", help="ONNX model")
@@ -306,6 +343,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         command.error("--tune needs --target")
     if getattr(args, "cuda_arch", None) and not args.target:
         command.error("--cuda-arch needs --target cuda")
+    if getattr(args, "rpc", None) and not args.rpc_key:
+        command.error("--rpc needs --rpc-key: the key its servers registered under")
+    if getattr(args, "rpc_key", None) and not args.rpc:
+        command.error("--rpc-key needs --rpc HOST:PORT")
 
 
 # Once interrupted, errors Python cannot raise (a finalizer such as llvmlite's __del__ that the
@@ -336,13 +377,22 @@ def main(argv: list[str] | None = None) -> int:
     default_hook = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None if _interrupted_by else default_hook(unraisable)
     try:
-        return _run(argv)
+        code = _run(argv)
     finally:
         sys.unraisablehook = default_hook
         for sig, handler in previous.items():
             # As the program (no argv) the run is over: a signal before the interpreter exits could
             # only turn the exit code into a traceback. Called with argv, put the caller's back.
             signal.signal(sig, signal.SIG_IGN if argv is None else handler)
+    if argv is None and _interrupted_by is not None:
+        # The program, interrupted and cleaned up: end here. CPython ends a process whose
+        # KeyboardInterrupt once crossed code a C extension ran through PyRun_* by killing itself
+        # with SIGINT at exit, caught or not (seen as exit -2 instead of 143 under load).
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe
+                stream.flush()
+        os._exit(code)
+    return code
 
 
 def _run(argv: list[str] | None) -> int:

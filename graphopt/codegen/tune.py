@@ -15,7 +15,9 @@ A kernel's first measurement is graphopt's default schedule (`cpu_schedules`), r
 trial, so that a tuned build is never slower than an untuned one where tuning found nothing
 better. Then each batch goes to the kernel whose weighted latency MetaSchedule's gradient rule
 expects to drop most. MetaSchedule's log goes to `<database>/logs/tune.log`, never to stdout.
-Tuning measures on this machine, so the target must be a CPU of this machine's architecture.
+Tuning measures on this machine, so the target must be a CPU of this machine's architecture;
+with `remote=rpc.Remote(...)` it measures on the devices registered with a TVM RPC tracker instead
+(`graphopt.codegen.rpc`), as many at once as there are, and builds here.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.codegen import backends, build, cpu_schedules, host_encoders, tune_db
+from graphopt.codegen import backends, build, cpu_schedules, host_encoders, rpc, tune_db
 from graphopt.codegen.targets import Target, host_arch, resolve, tvm_error_summary
 from graphopt.ir import io
 from graphopt.ir.errors import CodegenError
@@ -63,9 +65,12 @@ class TuneResult:
 def tune(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Target | str,
          database: str | os.PathLike, *, trials: int = 64, seconds: float | None = None,
          shapes: Mapping[str, Sequence[int]] | None = None,
-         progress: Callable[[int, int, float | None], None] | None = None, seed: int = 0) -> TuneResult:
+         progress: Callable[[int, int, float | None], None] | None = None, seed: int = 0,
+         remote: rpc.Remote | None = None) -> TuneResult:
     """Tune `model`'s kernels for `target` until the database folder `database` (created if
-    missing) holds `trials` measurements of them, or `seconds` have passed.
+    missing) holds `trials` measurements of them, or `seconds` have passed. With `remote`, the
+    kernels are measured on the servers registered with its tracker under its key (checked first:
+    `rpc.RpcError` if there are none).
 
     `progress(done, trials, estimate_ms)` is called after each batch, first with what the database
     already held; `estimate_ms` is the model's kernel time with the best schedules found so far
@@ -79,7 +84,8 @@ def tune(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Target |
         raise CodegenError(f"the time budget must be positive, not {seconds} s")
     _check_requirements()
     target = resolve(target) if isinstance(target, str) else target
-    tuning_target = _tuning_target(target)
+    tuning_target = _tuning_target(target, remote)
+    devices = None if remote is None else rpc.check(remote)  # before any work: no tracker, no run
     folder = Path(database)
     if folder.exists() and not folder.is_dir():
         raise CodegenError(f"{folder} is a file; the tuning database is a folder")
@@ -96,7 +102,7 @@ def tune(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Target |
         if before < trials and todo:
             session = _Session(before, trials, None if seconds is None else start + seconds, progress,
                                [t.weight for t in todo])
-            _run(todo, db, folder, tuning_target, session, seed)
+            _run(todo, db, folder, tuning_target, session, seed, remote, devices)
         after = sum(count for count, _ in tune_db.measured(db, tasks, tuning_target))
     return TuneResult(folder, len(tasks), after - before, after, time.monotonic() - start)
 
@@ -115,12 +121,12 @@ def _check_requirements() -> None:
         raise CodegenError(f"tuning needs {', '.join(missing)}: `pip install {' '.join(missing)}`")
 
 
-def _tuning_target(target: Target):
+def _tuning_target(target: Target, remote: rpc.Remote | None = None):
     """`target` with the core count MetaSchedule's search requires."""
     import psutil
     import tvm
 
-    if not backends.of(target).can_time_here(target):
+    if remote is None and not backends.of(target).can_time_here(target):
         raise CodegenError(f"tuning measures kernels on this machine ({host_arch()} CPU), so it cannot "
                            f"tune for {target.name}; tune on that device, or compile untuned")
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
@@ -158,6 +164,8 @@ class _Session:
     history: list[list[float]] = field(init=False)  # each kernel's best run time (s) after each batch
     ended_early: set[int] = field(default_factory=set)  # tasks MetaSchedule ended during the run
     interrupted: bool = False
+    # Why the devices measured on are gone, once they are (remote runs).
+    gone: Callable[[], str | None] | None = None
     # What `progress` raised: MetaSchedule's C++ loop would hand it on as a bare RuntimeError.
     error: BaseException | None = None
 
@@ -185,7 +193,8 @@ class _Session:
             raise
 
     def should_stop(self) -> bool:
-        return self.interrupted or (self.deadline is not None and time.monotonic() >= self.deadline)
+        return (self.interrupted or (self.deadline is not None and time.monotonic() >= self.deadline)
+                or (self.gone is not None and self.gone() is not None))
 
     def pick(self, alive: list[int]) -> int:
         fresh = [i for i in alive if not self.history[i]]
@@ -201,12 +210,15 @@ class _Session:
         return self.weights[i] * (_ALPHA * recent + (1 - _ALPHA) * best / len(history))
 
 
-def _run(tasks: list, db, folder: Path, tuning_target, session: _Session, seed: int) -> None:
+def _run(tasks: list, db, folder: Path, tuning_target, session: _Session, seed: int,
+         remote: rpc.Remote | None, devices: int | None) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     cores = tuning_target.export()["num-cores"]
     builder = ms.builder.LocalBuilder(max_workers=cores, f_build=_build_function())
-    runner = ms.runner.LocalRunner()
+    runner = ms.runner.LocalRunner() if remote is None else rpc.runner(remote, devices)
+    if remote is not None:
+        session.gone = lambda: runner.gone
     try:
         with _stop_on_interrupt(session):
             _seed_defaults(tasks, db, tuning_target, builder, runner, session)
@@ -217,8 +229,14 @@ def _run(tasks: list, db, folder: Path, tuning_target, session: _Session, seed: 
             raise session.error from None
         raise CodegenError(f"tuning failed: {tvm_error_summary(e)} (log: {folder / LOG}); what was "
                            "measured is kept, and the next run resumes from it") from e
+    finally:
+        if remote is not None:
+            runner.close()
     if session.interrupted:
         raise KeyboardInterrupt
+    if session.gone is not None and session.gone():
+        raise CodegenError(f"tuning stopped: {session.gone()}; what was measured is kept, and the next run "
+                           "resumes from it")
 
 
 def _search(tasks: list, db, folder: Path, tuning_target, session: _Session, seed: int,
@@ -244,7 +262,8 @@ def _search(tasks: list, db, folder: Path, tuning_target, session: _Session, see
     ms.tune_tasks(tasks=contexts, task_weights=session.weights, work_dir=str(folder), database=db,
                   max_trials_global=budget, num_trials_per_iter=batch, builder=builder, runner=runner,
                   cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
-                  measure_callbacks=[*ms.MeasureCallback.create("default"), recorder(session)],
+                  measure_callbacks=[*(ms.MeasureCallback.create("default") if session.gone is None
+                                       else rpc.measure_callbacks()), recorder(session)],
                   task_scheduler=scheduler(session))
     # A task's cap is the whole budget; one that ended below it ran out of candidates.
     exhausted = {tune_db.key(tasks[i]) for i in session.ended_early if session.measured[i] < budget}
@@ -261,16 +280,21 @@ def _seed_defaults(tasks: list, db, tuning_target, builder, runner, session: _Se
     new = [(i, sch) for i, (count, _) in enumerate(tune_db.measured(db, tasks, tuning_target)) if count == 0
            for sch in [cpu_schedules.schedule(tasks[i].dispatched[0]["main"], simd)] if sch is not None]
     built = builder.build([ms.builder.BuilderInput(sch.mod, tuning_target) for _, sch in new]) if new else []
-    for (i, sch), result in zip(new, built):
+    args = [ms.arg_info.ArgInfo.from_prim_func(tasks[i].dispatched[0]["main"]) for i, _ in new]
+    # All at once: a remote runner measures them in parallel.
+    runs = iter(runner.run([ms.runner.RunnerInput(result.artifact_path, "cpu", a)
+                            for result, a in zip(built, args) if result.error_msg is None]) if new else [])
+    for (i, sch), result, arg_info in zip(new, built, args):
         workload = tasks[i].dispatched[0]
-        args = ms.arg_info.ArgInfo.from_prim_func(workload["main"])
         run_secs = [tune_db.FAILED]
         if result.error_msg is None:
-            measured = runner.run([ms.runner.RunnerInput(result.artifact_path, "cpu", args)])[0].result()
+            measured = next(runs).result()
             run_secs = list(measured.run_secs) if measured.error_msg is None else run_secs
             shutil.rmtree(Path(result.artifact_path).parent, ignore_errors=True)
+            if rpc.lost(measured.error_msg):  # not measured: its device vanished
+                continue
         db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(workload), run_secs,
-                                                         tuning_target, args))
+                                                         tuning_target, arg_info))
         session.measured[i] += 1
     session.history = [[best] if best < math.inf else [] for _, best in tune_db.measured(db, tasks, tuning_target)]
     if new:
@@ -333,7 +357,14 @@ def _tvm_classes() -> tuple[type, type]:
             alive = [i for i, r in enumerate(records) if not r.is_terminated]
             if not alive or self.session.should_stop():
                 return -1
-            return self.session.pick(alive)
+            chosen = self.session.pick(alive)
+            if records[chosen].runner_futures is not None:
+                # MetaSchedule sends a task no batch while its last one runs (a check in its loop):
+                # wait for it, as its own gradient scheduler does.
+                scheduler.join_running_task(chosen)
+                if self.session.should_stop():
+                    return -1
+            return chosen
 
     @derived_object
     class Recorder(ms.measure_callback.PyMeasureCallback):
@@ -342,8 +373,9 @@ def _tvm_classes() -> tuple[type, type]:
             self.session = session
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+            # A measurement whose device vanished is not recorded (`rpc.measure_callbacks`), so not counted.
             self.session.record(task_id, [tune_db.seconds(r.run_secs) if r.error_msg is None else math.inf
-                                          for r in runner_results])
+                                          for r in runner_results if not rpc.lost(r.error_msg)])
 
     return Scheduler, Recorder
 

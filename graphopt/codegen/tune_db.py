@@ -16,16 +16,46 @@ EXHAUSTED = "graphopt-exhausted.json"
 # Target fields that do not change what a schedule is for.
 _BOOKKEEPING_TARGET_KEYS = frozenset({"num-cores", "keys", "tag"})
 FAILED = 1e10  # the run time MetaSchedule records for a candidate that failed
+_FILES = ("database_workload.json", "database_tuning_record.json")  # JSONDatabase's, one JSON line each
 
 
 def open_database(folder: Path):
     from tvm.s_tir import meta_schedule as ms
 
+    for name in _FILES:
+        _drop_cut_line(folder / name)
     try:
         return ms.database.JSONDatabase(work_dir=str(folder))
     except Exception as e:  # noqa: BLE001 - TVM raises many unrelated types
         raise CodegenError(f"{folder}: cannot read the MetaSchedule database: {tvm_error_summary(e)}; "
                            "move the folder away to start a new one") from e
+
+
+def _drop_cut_line(path: Path) -> None:
+    """A run killed while MetaSchedule appended a line can leave it cut short or without its
+    newline, and JSONDatabase then refuses the whole file: end a whole last line, or drop a cut
+    one, so that every complete record stays."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            data = f.read()
+    except FileNotFoundError:
+        return
+    head, _, last = data.rpartition(b"\n")
+    try:
+        json.loads(last)
+        data += b"\n"
+    except ValueError:
+        data = head + b"\n" if head else b""
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    staged.write_bytes(data)
+    os.replace(staged, path)
 
 
 def measured(db, tasks, tuning_target) -> list[tuple[int, float]]:

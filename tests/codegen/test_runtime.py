@@ -32,6 +32,19 @@ def test_several_outputs_come_back_by_name(lib):
             np.testing.assert_allclose(value, reference[name], rtol=1e-5, atol=1e-6)
 
 
+def test_runs_share_no_buffers_with_the_caller_or_each_other(lib):
+    """Inputs go to TVM as aligned copies and outputs come back as copies (both through DLPack)."""
+    x = np.asfortranarray(rng_array((1, 4), 3))  # not C-contiguous, and not 64-byte aligned
+    first = lib.run({"x": x})
+    kept = {k: v.copy() for k, v in first.items()}
+    x[:] = 100.0
+    second = lib.run({"x": rng_array((1, 4), 4)})
+    for name, value in first.items():
+        assert value.flags.owndata or value.base is not None
+        np.testing.assert_array_equal(value, kept[name])
+        assert not np.array_equal(value, second[name])
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda lib: lib(np.zeros((1, 4), np.float64)), "float64, the model takes float32"),
     (lambda lib: lib(np.zeros((2, 4), np.float32)), r"built for \[1, 4\]"),
