@@ -180,7 +180,9 @@ def _accumulate(stats: dict[str, LayerStats], node: gs.Node, rows: np.ndarray, k
     if s is None:
         s = stats[node.name] = LayerStats(np.zeros((rows.shape[0], rows.shape[2], rows.shape[2]), np.float64))
     r64 = rows.astype(np.float64)
-    s.hessian += np.einsum("gnk,gnl->gkl", r64, r64)
+    # A batched matmul, which BLAS runs: np.einsum's loop for this took 8x as long (100k rows of
+    # 576 on ResNet-18's 56x56 layers: most of a data-aware channel pruning's time).
+    s.hessian += r64.transpose(0, 2, 1) @ r64
     s._sum = r64.sum(axis=1) + (0.0 if s._sum is None else s._sum)
     s.rows_seen += rows.shape[1]
     if keep:
