@@ -7,7 +7,7 @@ this one runs the same TVM passes with these changes:
    contiguous axis of the output and of the weights, the axis the default schedules vectorize;
 2. inference batch_norm with constant statistics becomes a multiply and an add, dropout the
    identity, scalar constants of elementwise operators get their tensor's rank (and Clip is
-   `clip.py`'s maximum and minimum), and constant weights are transposed in numpy, so that
+   `min_max.py`'s maximum and minimum), and constant weights are transposed in numpy, so that
    BatchNorm and ReLU6 fuse into the convolution before them, ConvertLayout does not trip on
    dropout or scalars, and the build compiles no kernel just to fold a constant;
 3. large constant weights are packed for the kernels that read them (`weight_packing`), and
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt.codegen import cpu_schedules, transpose_sinking, weight_packing
+from graphopt.codegen import cpu_schedules, min_max, transpose_sinking, weight_packing
 from graphopt.codegen.targets import Target
 
 
@@ -168,8 +168,7 @@ def _scalar_as_rank(call):
     if len(scalar) != 1 or not ranks[1 - scalar[0]]:
         return None
     args = list(call.args)
-    value = args[scalar[0]].value.numpy()
-    args[scalar[0]] = relax.const(value.reshape([1] * ranks[1 - scalar[0]]), str(value.dtype))
+    args[scalar[0]] = min_max.ranked_constant(args[scalar[0]], ranks[1 - scalar[0]])
     return relax.Call(call.op, args, call.attrs)
 
 

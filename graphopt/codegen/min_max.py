@@ -47,7 +47,7 @@ def _bound(bb, bound, rank: int, unbounded: str):
         return None
     dtype = str(bound.ty.dtype)
     if isinstance(bound, tvm.ir.GenericConst):
-        return None if np.isnan(bound.value.numpy()).any() else _ranked(bound, rank)
+        return None if np.isnan(bound.value.numpy()).any() else ranked_constant(bound, rank)
     if not dtype.startswith("float"):
         return bound
     return bb.normalize(relax.op.where(relax.op.isnan(bound), relax.const(float(unbounded), dtype), bound))
@@ -61,7 +61,7 @@ def _fold(name: str) -> Callable:
         from tvm import relax
 
         rank = max(len(x.ty.shape.values) for x in inputs)
-        result, *others = [_ranked(x, rank) for x in inputs]
+        result, *others = [ranked_constant(x, rank) for x in inputs]
         for other in others:
             result = bb.normalize(getattr(relax.op, name)(result, other))
         return result
@@ -69,7 +69,7 @@ def _fold(name: str) -> Callable:
     return convert
 
 
-def _ranked(expr, rank: int):
+def ranked_constant(expr, rank: int):
     """A constant of lower rank reshaped to `rank` (numpy broadcasting adds leading ones)."""
     import tvm
     from tvm import relax
