@@ -39,6 +39,10 @@ _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64
 # The TVM target kinds a JSON target may name -> (the device kind, i.e. the backend, that runs it;
 # the host target a device target gets when the JSON gives none).
 _KINDS = {"llvm": ("cpu", None), "cuda": ("cuda", GENERIC_X86)}
+# /proc/cpuinfo flag -> LLVM feature, for the instruction sets graphopt's kernels choose between.
+_DISPATCH_FEATURES = {"avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl",
+                      "avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni", "amx_tile": "amx-tile",
+                      "amx_int8": "amx-int8", "amx_bf16": "amx-bf16"}
 # The pip extra that installs zig, the aarch64 linker used when no Debian cross g++ is installed.
 ZIG_EXTRA = "graphopt[arm]"
 
@@ -113,7 +117,30 @@ def _detect_host() -> dict:
                            "use x86-64 for a generic x86 build")
     found = tvm.target.Target.from_device(tvm.cpu()).export()
     # The triple TVM reports is its own build's (e.g. x86_64-conda-linux-gnu); say what we link.
-    return runnable_here({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": str(found["mcpu"])})
+    spec = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": str(found["mcpu"])}
+    return runnable_here(_with_cpuinfo_features(spec, _cpuinfo_flags()))
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _with_cpuinfo_features(spec: dict, flags: set[str]) -> dict:
+    """`spec` plus the instruction sets the kernels dispatch on that the CPU reports but its LLVM
+    CPU name lacks. Under a hypervisor LLVM can name a Sapphire Rapids "rocketlake" (the model
+    number is masked), which has no AMX: the flags Linux reports are what the CPU runs."""
+    import tvm
+    from tvm.target.codegen import target_has_features
+
+    target = tvm.target.Target(spec)
+    missing = [f"+{llvm}" for flag, llvm in _DISPATCH_FEATURES.items()
+               if flag in flags and not target_has_features(llvm, target)]
+    return {**spec, "mattr": [*spec.get("mattr", []), *missing]} if missing else spec
 
 
 def runnable_here(spec: dict) -> dict:

@@ -235,6 +235,17 @@ def test_x86_leaves_amx_out_where_linux_refuses_it(refused, monkeypatch):
     assert int8_kernels.kernel_for(tvm.target.Target(spec)) == ("vnni" if refused else "amx")
 
 
+def test_x86_takes_amx_from_the_cpu_flags_where_llvm_names_an_older_cpu():
+    """Under a hypervisor LLVM names a Sapphire Rapids "rocketlake": the flags Linux reports decide."""
+    import tvm
+
+    flags = {"avx512f", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16"}
+    spec = targets._with_cpuinfo_features({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "rocketlake"}, flags)
+    assert int8_kernels.kernel_for(tvm.target.Target(spec)) == "amx"
+    zen = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}
+    assert targets._with_cpuinfo_features(zen, {"avx512f", "avx512_vnni"}) == zen  # nothing it lacks
+
+
 # -- the int8 digits CNN ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_amx(digits_lowered, tmp_path_factory) -> codegen.build.BuildResult:
