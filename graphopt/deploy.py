@@ -151,13 +151,14 @@ def _batches(lib: codegen.CompiledModel, feeds: dict[str, np.ndarray]) -> list[d
     return [{s["name"]: feeds[s["name"]][i * size:(i + 1) * size] for s in lib.inputs} for i in range(count)]
 
 
-def tune_for_target(graph: gs.Graph, target: Target, database: str | os.PathLike, trials: int,
+def tune_for_target(graph: gs.Graph | list[gs.Graph], target: Target, database: str | os.PathLike, trials: int,
                     seconds: float | None, progress: Callable[[int, int, float | None], None] | None,
                     feeds: dict[str, np.ndarray] | None = None, remote=None) -> dict:
     """Tune with MetaSchedule into `database` and return the report's `tuning` section. Give the
     `feeds` that `build_for_target` gets, so that the kernels tuned have the shapes built. With
-    `remote` (a `codegen.rpc.Remote`), the kernels are measured on the devices of its RPC tracker."""
-    from graphopt.codegen import tune
+    `remote` (a `codegen.rpc.Remote`), the kernels are measured on the devices of its RPC tracker.
+    A list of graphs tunes their kernels together (then without `feeds`)."""
+    from graphopt.codegen import rpc, tune
 
     shapes = None if feeds is None else library_shapes(graph, feeds)
     with quiet_tvm():
@@ -166,5 +167,8 @@ def tune_for_target(graph: gs.Graph, target: Target, database: str | os.PathLike
     section = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in vars(result).items()}
     if remote is not None:
         section["rpc"] = {"tracker": remote.address, "key": remote.key}
+        note = rpc.emulated(rpc.connect(remote))
+        if note:
+            section["rpc"]["emulated"] = note
     return section
 

@@ -7,6 +7,11 @@ started too. What was started is recorded in `<folder>/farm.json` (pids, with th
 so that a pid the system gave to another program since is never signalled), beside the
 processes' logs. A real board joins a farm the same way: `python -m tvm.exec.rpc_server
 --tracker HOST:PORT --key KEY` on the board.
+
+With `arm`, the servers run in the emulated aarch64 Python of tools/arm_env.py (qemu-user; from a
+source checkout, after `python tools/arm_env.py setup`), under the key `arm-qemu`: `--target arm`
+tunes and is measured through them. Their times are emulation speed; the servers say so when
+asked (`rpc.emulated`), and reports carry it.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from graphopt.ir.errors import GraphoptError
 
 HOST = "127.0.0.1"
 DEFAULT_KEY = "local"
+ARM_KEY = "arm-qemu"
+ARM_ENV = Path(__file__).resolve().parents[1] / "tools" / "arm_env.py"
 STATE = "farm.json"
 START_TIMEOUT = 90.0  # s: for the tracker and every server to register (each imports TVM)
 STOP_TIMEOUT = 5.0  # s: after SIGTERM, before SIGKILL
@@ -54,6 +61,7 @@ class Farm:
     key: str
     processes: list[Process] = field(default_factory=list)
     host: str = HOST
+    arm: bool = False  # servers in the emulated aarch64 Python
 
     @property
     def remote(self) -> rpc.Remote:
@@ -82,13 +90,13 @@ class Farm:
             raise FarmError(f"{path}: unreadable ({e}); stop its processes by hand and delete it") from None
 
 
-def up(servers: int, folder: Path | None = None, port: int | None = None, key: str = DEFAULT_KEY,
+def up(servers: int, folder: Path | None = None, port: int | None = None, key: str | None = None,
        arm: bool = False, timeout: float = START_TIMEOUT) -> Farm:
     """Start a tracker on 127.0.0.1:`port` (TVM's 9190 when free, if not given) and `servers` RPC
-    servers registered with it under `key`; return once the tracker lists them all."""
-    if arm:
-        raise FarmError("--arm (RPC servers in the emulated aarch64 Python of tools/arm_env.py) is not there "
-                        "yet; for now a farm serves this machine's CPU")
+    servers registered with it under `key` (default "local", or "arm-qemu" with `arm`); return
+    once the tracker lists them all."""
+    key = key or (ARM_KEY if arm else DEFAULT_KEY)
+    arm_env = _arm_env() if arm else None
     if servers < 1:
         raise FarmError(f"a farm needs at least one server, not {servers}")
     folder = Path(folder) if folder is not None else default_folder()
@@ -100,19 +108,21 @@ def up(servers: int, folder: Path | None = None, port: int | None = None, key: s
                             f"'{running.key}'): `graphopt farm down` first, or give another --dir")
         (folder / STATE).unlink()  # what a crash or reboot left
     port = _tracker_port(port)
-    farm = Farm(folder, port, key)
+    farm = Farm(folder, port, key, arm=arm)
     try:
         farm.processes.append(_start(folder, "tracker", "tracker.log",
-                                     ["tvm.exec.rpc_tracker", "--host", HOST, "--port", str(port),
-                                      "--port-end", str(port + 1)]))
+                                     _tvm(["tvm.exec.rpc_tracker", "--host", HOST, "--port", str(port),
+                                           "--port-end", str(port + 1)])))
         farm.save()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * (4 if arm else 1)  # TVM imports 4x slower emulated
         _wait(farm, deadline, lambda found: True, "the tracker to answer")
         for i, server_port in enumerate(_free_ports(servers)):
-            farm.processes.append(_start(folder, "server", f"server-{i}.log",
-                                         ["tvm.exec.rpc_server", "--host", HOST, "--port", str(server_port),
-                                          "--port-end", str(server_port + 1), "--tracker", f"{HOST}:{port}",
-                                          "--key", key]))
+            tracker = f"{HOST}:{port}"
+            command = (arm_env.server_command(tracker, key, server_port) if arm_env else
+                       _tvm(["tvm.exec.rpc_server", "--host", HOST, "--port", str(server_port),
+                             "--port-end", str(server_port + 1), "--tracker", tracker, "--key", key]))
+            farm.processes.append(_start(folder, "server", f"server-{i}.log", command,
+                                         arm_env.guest_env() if arm_env else None))
             farm.save()
         _wait(farm, deadline, lambda found: rpc.servers(found, key) >= servers,
               f"{servers} server(s) to register under '{key}'")
@@ -120,6 +130,22 @@ def up(servers: int, folder: Path | None = None, port: int | None = None, key: s
         _stop(farm)
         raise
     return farm
+
+
+def _arm_env():
+    """tools/arm_env.py of graphopt's source checkout, with its environment set up."""
+    import importlib.util
+
+    if not ARM_ENV.is_file():
+        raise FarmError(f"--arm runs servers through {ARM_ENV.name} of graphopt's source checkout, which is not at "
+                        f"{ARM_ENV}: run graphopt from a clone of its repository")
+    spec = importlib.util.spec_from_file_location("graphopt_arm_env", ARM_ENV)
+    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)  # registered first: its dataclasses look their module up
+    if not module.is_ready():
+        raise FarmError(f"no emulated aarch64 Python in {module.env_dir()}: run `python {ARM_ENV} setup` first "
+                        "(qemu-user-static and Debian's arm64 Python through apt-get, about a minute)")
+    return module
 
 
 def status(folder: Path | None = None) -> tuple[Farm, dict]:
@@ -153,11 +179,15 @@ def _stop(farm: Farm) -> None:
     (farm.folder / STATE).unlink(missing_ok=True)
 
 
-def _start(folder: Path, role: str, log: str, module_args: list[str]) -> Process:
+def _tvm(module_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", *module_args]
+
+
+def _start(folder: Path, role: str, log: str, command: list[str], env: dict | None = None) -> Process:
     with open(folder / log, "wb") as out:
         # Its own session: detached from this terminal (Ctrl-C here does not reach it) and a
         # process group that holds the workers it starts.
-        proc = subprocess.Popen([sys.executable, "-m", *module_args], stdin=subprocess.DEVNULL, stdout=out,
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, env=env,
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
     return Process(proc.pid, _create_time(proc.pid), role, str(folder / log))
 
@@ -228,7 +258,8 @@ def _members(process: Process) -> list:
         pass
     left = []
     for p in psutil.process_iter(["cmdline"]):
-        if _in_group(p, process.pid) and any("tvm.exec" in part for part in p.info["cmdline"] or ()):
+        if _in_group(p, process.pid) and any(mark in part for part in p.info["cmdline"] or ()
+                                             for mark in ("tvm.exec", "arm_rpc_server")):
             left.append(p)
     return left
 

@@ -86,7 +86,8 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
         graph, PassContext(feeds=split.calibration, from_data=data is not None, seed=seed, verify=verify,
                            latency=target_timer))
     after = summarize(infer_shapes(graph), shapes=shapes)
-    final = ort.run(graph, feeds)
+    # The fidelity check ran the final graph after the last pass that changed it: not again.
+    final = checks[0].latest if checks and checks[0].latest is not None else ort.run(graph, feeds)
     broken = fidelity.turned_non_finite(reference, final)
     if broken:  # with --no-verify no pass was checked on its own: the pipeline is named instead
         raise VerificationError(f"the pipeline '{pipeline}' turned output '{broken}' NaN/Inf where the original's "

@@ -163,10 +163,68 @@ def test_down_stops_every_process_and_forgets_the_farm(tmp_path):
     assert r.returncode == 2 and "no farm is up" in r.stderr
 
 
-def test_arm_servers_are_not_there_yet(tmp_path):
-    r = graphopt("farm", "up", "--arm", "--dir", tmp_path)
-    assert r.returncode == 2 and "--arm" in r.stderr and "not there yet" in r.stderr
-    assert not (tmp_path / farms.STATE).exists()
+def test_arm_servers_need_the_emulated_environment(tmp_path):
+    env = {**os.environ, "GRAPHOPT_ARM_ENV": str(tmp_path / "no-env")}
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "farm", "up", "--arm", "--dir", tmp_path / "farm"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("graphopt: error: no emulated aarch64")
+    assert "tools/arm_env.py setup" in r.stderr
+    assert not (tmp_path / "farm" / farms.STATE).exists()
+
+
+def test_a_library_measured_on_a_device_agrees_with_onnxruntime(farm, tmp_path):
+    r = graphopt("compile", DIGITS, "--target", "x86", "-o", tmp_path / "out", "-q")
+    assert r.returncode == 0, r.stderr
+    r = graphopt("measure", tmp_path / "out", "--data", ROOT / "models" / "digits_test.npz", "--rpc", farm[1],
+                 "--rpc-key", "pair", "--repeat", 5, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["device"] == f"pair@{farm[1]}" and result["emulated"] is False and result["latency_ms"] > 0
+    assert result["model"] == str(DIGITS) and result["fidelity"]["logits"]["cosine"] > 0.99999
+    # against another model's outputs (the last layer's weights reversed) it fails, with exit 1
+    import onnx
+    from onnx import numpy_helper
+
+    other = onnx.load(DIGITS)
+    weight = next(t for t in other.graph.initializer if t.name == "gemm14.weight")  # [classes, features]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight)[::-1].copy(), weight.name))
+    onnx.save(other, tmp_path / "other.onnx")
+    r = graphopt("measure", tmp_path / "out", "--model", tmp_path / "other.onnx", "--data",
+                 ROOT / "models" / "digits_test.npz", "--rpc", farm[1], "--rpc-key", "pair", "--repeat", 1)
+    assert r.returncode == 1 and "is below --min-cosine 0.999" in r.stderr
+
+
+def test_two_models_tune_as_one_set_of_kernels(farm, tmp_path):
+    import onnx
+
+    from graphopt.testing import builders
+
+    mlp = tmp_path / "mlp.onnx"
+    onnx.save(builders.mlp(), mlp)
+    db = tmp_path / "db"
+    alone = json.loads(graphopt("tune", mlp, "--target", "x86", "--db", tmp_path / "alone", "--trials", 1,
+                                "-q").stdout)["tasks"]
+    r = graphopt("tune", DIGITS, mlp, DIGITS, "--target", "x86", "--db", db, "--trials", KERNELS + alone,
+                 "--rpc", farm[1], "--rpc-key", "pair", "-q")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["tasks"] == KERNELS + alone and result["trials_total"] == KERNELS + alone  # digits counted once
+    assert applied(db, tmp_path / "out") == KERNELS
+
+
+def test_compile_tunes_on_the_devices_with_rpc(farm, tmp_path):
+    r = graphopt("compile", DIGITS, "--target", "x86", "--tune", "--trials", KERNELS, "--rpc", farm[1],
+                 "--rpc-key", "pair", "-o", tmp_path / "out", "-q")
+    assert r.returncode == 0, r.stderr
+    tuning = json.loads((tmp_path / "out" / "report.json").read_text())["tuning"]
+    assert tuning["rpc"] == {"tracker": farm[1], "key": "pair"} and tuning["trials_total"] == KERNELS
+
+
+@pytest.mark.parametrize("command", ["compile", "optimize"])
+def test_rpc_on_compile_and_optimize_measures_tuning(command, tmp_path):
+    r = graphopt(command, DIGITS, "--target", "x86", "-o", tmp_path / "out", "--rpc", "127.0.0.1:9190",
+                 "--rpc-key", "k")
+    assert r.returncode == 2 and "--rpc measures tuning trials on the devices: give --tune" in r.stderr
 
 
 @pytest.mark.slow  # three runs of MetaSchedule's search on 2 cores, a wait for dead devices: ~4 min

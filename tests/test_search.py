@@ -51,6 +51,21 @@ def test_space_follows_the_model_and_the_objective():
     assert space.spec(knobs, (0,) * len(knobs)) == "canonicalize"
 
 
+def test_large_models_leave_out_what_cannot_pay_and_int8_is_probed_first():
+    """ResNet-scale convolutions (over SENSITIVITY_MAX_WEIGHTS weights) get no Tucker knob, and a
+    classifier that does a sliver of the MACs gets no low-rank knob."""
+    import onnx_graphsurgeon as gs
+
+    from graphopt.testing import builders
+
+    graph = gs.import_onnx(builders.resnet(blocks=(2, 2), width=128, image=56))
+    knobs = space.knobs(graph, "latency", int8_lowering=True)
+    assert knobs[0].name == "int8" and "conv-rank" not in {k.name for k in knobs}
+    assert space._mac_share(graph, {"Gemm", "MatMul"}) < space.MIN_SHARE and "rank" not in {k.name for k in knobs}
+    small = {k.name for k in space.knobs(io.load(DIGITS), "latency", int8_lowering=True)}
+    assert {"conv-rank", "rank"} <= small
+
+
 def test_search_keeps_the_gate_finds_a_cheaper_model_and_resumes_from_its_folder(tmp_path):
     timer = CountingTimer()
     found = search(str(DIGITS), str(TEST), timer=timer, timed_on="onnxruntime", folder=tmp_path / "s",

@@ -5,11 +5,14 @@
 and the shared libraries it needs (unpacked with `dpkg -x`, never installed), DIR/site holds the
 aarch64 wheels of TVM and numpy (unzipped). `run` executes tools/arm_runner.py with
 `qemu-aarch64-static -L DIR/root`, so no binfmt handler, chroot or kernel setting is involved.
-`check` compares a library under emulation with onnxruntime on this machine.
+`check` compares a library under emulation with onnxruntime on this machine. `serve` runs a TVM
+RPC server in the emulated Python, registered with a tracker (`graphopt farm up --arm` starts
+them this way): then `graphopt tune --target arm --rpc ... --rpc-key arm-qemu` measures on it.
 
     python tools/arm_env.py setup [--dir DIR]
     python tools/arm_env.py run LIB.so --inputs IN.npz --out OUT.npz [--dir DIR]
     python tools/arm_env.py check MODEL.onnx LIB.so --data DATA.npz [--samples N] [--dir DIR]
+    python tools/arm_env.py serve --tracker HOST:PORT [--key arm-qemu] [--port 9300] [--dir DIR]
 
 DIR defaults to $GRAPHOPT_ARM_ENV or ~/.cache/graphopt/arm-env. Times measured here are emulation
 speed, not ARM speed.
@@ -38,6 +41,8 @@ QEMU = "qemu-aarch64-static"
 QEMU_PACKAGE = "qemu-user-static"
 GUEST_PYTHON = "usr/bin/python3.11"
 RUNNER = Path(__file__).resolve().with_name("arm_runner.py")
+SERVER = Path(__file__).resolve().with_name("arm_rpc_server.py")
+SERVER_KEY = "arm-qemu"
 # Python 3.11 and the shared libraries its stdlib extension modules link against (Debian bookworm).
 ARM64_DEBS = (
     "python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libexpat1 zlib1g "
@@ -53,6 +58,9 @@ WHEELS = (
     "numpy",
     "ml_dtypes",
     "typing_extensions",
+    # TVM's RPC server (arm_rpc_server.py) pickles its server loop and stops sessions with psutil.
+    "cloudpickle",
+    "psutil",
 )
 WHEEL_PLATFORM = "manylinux_2_28_aarch64"  # bookworm's glibc is 2.36
 # Host settings describe the x86 Python; inside the guest they would point it at x86 code.
@@ -92,8 +100,10 @@ def env_dir() -> Path:
 
 
 def is_ready(directory: Path | str | None = None) -> bool:
-    root = Path(directory or env_dir())
-    return (root / "ready").is_file() and shutil.which(QEMU) is not None
+    """Set up, with the wheels this version of the script lists (the last line of `ready`)."""
+    ready = Path(directory or env_dir()) / "ready"
+    return ready.is_file() and ready.read_text().splitlines()[-1:] == [" ".join(WHEELS)] \
+        and shutil.which(QEMU) is not None
 
 
 def _log(message: str) -> None:
@@ -209,7 +219,25 @@ def _guest_command(directory: Path, args: Sequence[str]) -> list[str]:
             str(directory / "root" / GUEST_PYTHON), "-s", *args]
 
 
-def _guest_env() -> dict[str, str]:
+def server_command(tracker: str, key: str = SERVER_KEY, port: int = 9300,
+                   directory: Path | str | None = None) -> list[str]:
+    """The command that runs an RPC server in the emulated Python (tools/arm_rpc_server.py),
+    registered with `tracker` (HOST:PORT) under `key`; run it with `guest_env()`."""
+    directory = Path(directory or env_dir()).resolve()
+    if not is_ready(directory):
+        raise EmulationError(f"no emulated aarch64 environment in {directory}; "
+                             f"run `python tools/arm_env.py setup --dir {directory}`")
+    # The guest's sys.executable: the kernel cannot execute the aarch64 interpreter itself (no
+    # binfmt handler), but it runs this host script, which starts it under qemu.
+    launcher = directory / "launcher"
+    staged = launcher.with_name(f".launcher.{os.getpid()}")
+    staged.write_text("#!/bin/sh\nexec " + shlex.join(_guest_command(directory, [])) + ' "$@"\n')
+    staged.chmod(0o755)
+    os.replace(staged, launcher)
+    return [str(launcher), str(SERVER), tracker, key, str(port), str(launcher)]
+
+
+def guest_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not HOST_ONLY_ENV.match(key)}
 
 
@@ -217,7 +245,7 @@ def _smoke_test(directory: Path) -> str:
     script = "import numpy, tvm; from tvm import relax; print(tvm.__version__, numpy.__version__)"
     cmd = _guest_command(directory, ["-c", script])
     _log("+ " + shlex.join(cmd))
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_guest_env())
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=guest_env())
     if proc.returncode != 0:
         raise SetupError(f"the emulated Python cannot import tvm:\n{proc.stderr.strip()[-2000:]}")
     return proc.stdout.strip()
@@ -235,11 +263,13 @@ def setup(directory: Path | str | None = None) -> Path:
     _apt_steps(root_dir, debs)
     if not root_dir.is_dir():
         _extract_debs(debs, root_dir)
+    if (directory / "ready").is_file():  # set up by a version of this script that listed other wheels
+        shutil.rmtree(site, ignore_errors=True)
     if not site.is_dir():
         _download_wheels(wheels)
         _install_wheels(wheels, site)
     versions = _smoke_test(directory)
-    (directory / "ready").write_text(versions + "\n")
+    (directory / "ready").write_text(f"{versions}\n{' '.join(WHEELS)}\n")
     _log(f"ready: tvm/numpy {versions}; debs {_size_mb(debs, '*.deb'):.1f} MB, "
          f"wheels {_size_mb(wheels, '*.whl'):.1f} MB; {time.perf_counter() - start:.0f} s")
     return directory
@@ -251,7 +281,7 @@ def _run_files(lib: Path, pairs: Sequence[tuple[Path, Path]], directory: Path) -
                              f"run `python tools/arm_env.py setup --dir {directory}`")
     files = [str(path) for pair in pairs for path in pair]
     cmd = _guest_command(directory, [str(RUNNER), str(Path(lib).resolve()), *files])
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_guest_env())
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=guest_env())
     if proc.returncode != 0:
         raise EmulationError(f"emulated run of {lib} failed (exit {proc.returncode}):\n"
                              f"{proc.stderr.strip()[-3000:]}")
@@ -332,7 +362,11 @@ def _parser() -> argparse.ArgumentParser:
     check_cmd.add_argument("--data", type=Path, required=True, help="npz with one array per model input")
     check_cmd.add_argument("--samples", type=int, default=16)
     check_cmd.add_argument("--atol", type=float, default=1e-4)
-    for command in (sub.choices["setup"], run_cmd, check_cmd):
+    serve_cmd = sub.add_parser("serve", help="run a TVM RPC server in the emulated Python, registered with a tracker")
+    serve_cmd.add_argument("--tracker", required=True, metavar="HOST:PORT")
+    serve_cmd.add_argument("--key", default=SERVER_KEY, help=f"default {SERVER_KEY}")
+    serve_cmd.add_argument("--port", type=int, default=9300, help="the server's port on 127.0.0.1 (default 9300)")
+    for command in (sub.choices["setup"], run_cmd, check_cmd, serve_cmd):
         command.add_argument("--dir", type=Path, default=None, help="environment folder")
     return parser
 
@@ -349,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "setup":
             print(setup(args.dir))
+        elif args.command == "serve":
+            cmd = server_command(args.tracker, args.key, args.port, args.dir)
+            return subprocess.run(cmd, env=guest_env(), check=False).returncode
         elif args.command == "run":
             directory = Path(args.dir or env_dir()).resolve()
             seconds = _run_files(args.lib, [(args.inputs.resolve(), args.out.resolve())], directory)

@@ -100,10 +100,11 @@ def _target_options(p: argparse.ArgumentParser, required: bool = False, db_requi
                    new="--time-budget", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def _rpc_options(p: argparse.ArgumentParser) -> None:
+def _rpc_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
     g = p.add_argument_group("measuring on devices (a TVM RPC tracker: graphopt farm up starts one here)")
     g.add_argument("--rpc", metavar="HOST:PORT",
-                   help="measure on the RPC servers registered with this tracker instead of on this machine; "
+                   help=("with --tune, " if tune else "") +
+                        "measure on the RPC servers registered with this tracker instead of on this machine; "
                         "kernels are built here, and the database stays here")
     g.add_argument("--rpc-key", metavar="KEY", help="the key the servers registered under (rpc_server --key)")
 
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upgrade the model to opset N before the passes (onnx's version converter, checked "
                         "EXACT in onnxruntime); for passes that need a newer opset than the model has")
     _target_options(p)
+    _rpc_options(p, tune=True)
     p.set_defaults(func=_command("jobs", "cmd_optimize"))
 
     p = sub.add_parser("compile", help="compile a model with TVM for a target (no passes); writes the library, "
@@ -258,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     _input_shape_option(p, compiles=True)
     _target_options(p, required=True)
+    _rpc_options(p, tune=True)
     p.set_defaults(func=_command("jobs", "cmd_compile"))
 
     p = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule into a reusable database",
@@ -265,11 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compile and optimize --target with the same --db use its schedules. Prints "
                                    "the tuning summary as JSON.",
                        epilog=EXIT_CODES, formatter_class=fmt)
-    p.add_argument("model", help="input ONNX model")
+    p.add_argument("model", nargs="+", help="input ONNX model(s): several tune their kernels together, a kernel "
+                                            "they share once")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _target_options(p, required=True, db_required=True)
     _rpc_options(p)
-    p.set_defaults(func=_command("remote", "cmd_tune"), tune=True)
+    p.set_defaults(func=_command("jobs", "cmd_tune"), tune=True)
+
+    p = sub.add_parser("measure", help="run a built library here or on a device (--rpc): its outputs against "
+                                       "onnxruntime, and its latency",
+                       description="Run a library graphopt built (a .so, or an OUTDIR holding one) on --data or "
+                                   "random inputs, here or on a device registered with a TVM RPC tracker; compare "
+                                   "its outputs with onnxruntime on the ONNX model it was built from (OUTDIR's "
+                                   "model.opt.onnx, the model report.json names, or --model) and time it.",
+                       epilog=EXIT_CODES, formatter_class=fmt)
+    p.add_argument("library", help="the library (.so) or the folder graphopt compiled it into")
+    p.add_argument("--model", metavar="ONNX", help="the model it was built from (default: found beside it)")
+    p.add_argument("--data", metavar="FILE", help="inputs (.npz or a folder of .npy); default random")
+    _seed_option(p)
+    p.add_argument("--repeat", type=_positive, default=50, metavar="N", help="timed runs (default 50)")
+    p.add_argument("--min-cosine", type=float, default=0.999, metavar="C",
+                   help="exit 1 if an output's cosine against onnxruntime is below C (default 0.999)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _rpc_options(p)
+    p.set_defaults(func=_command("remote", "cmd_measure"))
 
     p = sub.add_parser("farm", help="start, show or stop a TVM RPC tracker and servers on 127.0.0.1",
                        description="A local device farm for tune --rpc: a TVM RPC tracker and N RPC servers on "
@@ -280,9 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--servers", type=_positive, default=1, metavar="N", help="RPC servers to start (default 1)")
     up.add_argument("--port", type=_port, metavar="P", help="the tracker's port (default 9190, or a free one if "
                                                             "9190 is taken)")
-    up.add_argument("--key", default="local", metavar="KEY", help="the key the servers register under "
-                                                                  "(default local)")
-    up.add_argument("--arm", action="store_true", help="servers in the emulated aarch64 Python (not yet)")
+    up.add_argument("--key", metavar="KEY", help="the key the servers register under (default local; with --arm, "
+                                                 "arm-qemu)")
+    up.add_argument("--arm", action="store_true", help="servers in the emulated aarch64 Python of "
+                                                       "tools/arm_env.py (qemu-user; run its setup first), for "
+                                                       "--target arm: emulation speed, not a device's")
     status = farm.add_parser("status", help="the tracker's servers and queues")
     status.add_argument("--json", action="store_true", help="print the tracker's summary as JSON")
     down = farm.add_parser("down", help="stop the tracker and servers (their logs stay)")
@@ -296,6 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _input_shape_option(p)
     p.set_defaults(func=_command("inspect", "cmd_inspect"))
+
+    p = sub.add_parser("pack", help="store a model as a smaller .gopt file (Huffman-coded indices, sparse "
+                                    "weights) that unpacks to the same bytes",
+                       description="Pack an ONNX model into a .gopt container: each tensor's data coded by the "
+                                   "smallest of Huffman, relative indexing of zeros, zlib or raw; the rest "
+                                   "compressed as one stream. graphopt unpack restores the file byte for byte.",
+                       epilog=EXIT_CODES, formatter_class=fmt)
+    p.add_argument("model", help="input ONNX model, weights inline (never modified)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the .gopt file to write")
+    p.add_argument("--json", action="store_true", help="print the sizes per codec as JSON")
+    p.set_defaults(func=_command("pack", "cmd_pack"))
+
+    p = sub.add_parser("unpack", help="restore the ONNX model a .gopt file holds, byte for byte",
+                       epilog=EXIT_CODES, formatter_class=fmt)
+    p.add_argument("packed", help="a .gopt file written by graphopt pack")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the ONNX file to write")
+    p.set_defaults(func=_command("pack", "cmd_unpack"))
 
     p = sub.add_parser("passes", help="list the passes, their options and guarantees; with NAME, one pass's "
                                       "contract and every option's help")
@@ -347,6 +388,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         command.error("--rpc needs --rpc-key: the key its servers registered under")
     if getattr(args, "rpc_key", None) and not args.rpc:
         command.error("--rpc-key needs --rpc HOST:PORT")
+    if getattr(args, "rpc", None) and args.command in ("optimize", "compile") and not args.tune:
+        command.error("--rpc measures tuning trials on the devices: give --tune (graphopt measure LIB.so --rpc "
+                      "times a built library)")
 
 
 # Once interrupted, errors Python cannot raise (a finalizer such as llvmlite's __del__ that the

@@ -21,11 +21,27 @@ from graphopt.report import format_summary, summarize
 
 def cmd_inspect(args) -> int:
     shapes = parse_input_shapes(args.input_shape)
-    graph = infer_shapes(io.load(args.model))
+    graph = infer_shapes(_load_maybe_packed(args.model))
     check_input_shapes(graph, shapes, args.model)
     summary = summarize(graph, layers=True, shapes=shapes or None)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
+
+
+def _load_maybe_packed(path: str):
+    """The model at `path`; a .gopt file (recognised by its magic bytes) is unpacked to a
+    temporary folder first, so it shows exactly as the ONNX file it holds."""
+    from graphopt import pack
+
+    if not pack.is_packed(path):
+        return io.load(path)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="graphopt-inspect-") as tmp:
+        model = Path(tmp) / (Path(path).stem + ".onnx")
+        pack.unpack(path, model)
+        return io.load(model)
 
 
 def cmd_passes(args) -> int:

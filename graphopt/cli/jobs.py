@@ -52,13 +52,19 @@ class Interrupted(KeyboardInterrupt):
 
 
 def cmd_tune(args) -> int:
+    """`graphopt tune`: one model or several (their kernels together); with --rpc, measured on the
+    tracker's servers under --rpc-key."""
     from graphopt import deploy
 
     target = _target(args)
-    graph = io.load(args.model)
-    bar = None if args.quiet else ProgressBar("tuning")
+    graphs = [io.load(m) for m in args.model]
+    remote = _remote(args)
+    where = f" on {remote.key}@{remote.address}" if remote else ""
+    bar = None if args.quiet else ProgressBar(f"tuning {len(graphs)} models{where}" if len(graphs) > 1
+                                              else f"tuning{where}")
     try:
-        result = deploy.tune_for_target(graph, target, Path(args.db), args.trials, args.time_budget, bar)
+        result = deploy.tune_for_target(graphs if len(graphs) > 1 else graphs[0], target, Path(args.db),
+                                        args.trials, args.time_budget, bar, remote=remote)
     except KeyboardInterrupt:
         raise Interrupted("interrupted" + TUNING_NOTE) from None
     if bar:
@@ -199,6 +205,15 @@ def _timer(target, pipeline: Pipeline):
     from graphopt import deploy
 
     return deploy.target_timer(target)
+
+
+def _remote(args):
+    """The devices of --rpc/--rpc-key, or None to measure here."""
+    if not getattr(args, "rpc", None):
+        return None
+    from graphopt.codegen import rpc
+
+    return rpc.Remote.parse(args.rpc, args.rpc_key)
 
 
 def _target(args):
@@ -354,7 +369,7 @@ def _codegen(result, target, staged: Path, out_dir: Path, real_out: Path, args, 
     if args.tune:
         bar = None if args.quiet else ProgressBar("tuning")
         sections["tuning"] = deploy.tune_for_target(graph, target, database, args.trials,
-                                                    args.time_budget, bar, feeds=result.feeds)
+                                                    args.time_budget, bar, feeds=result.feeds, remote=_remote(args))
         if bar:
             bar.close()
     section = deploy.build_for_target(graph, target, staged, result.feeds, result.reference, database,

@@ -10,7 +10,10 @@ converters with the frontend's converter signature, `(bb, inputs, attrs) -> rela
 importer is the frontend's own, subclassed only at its two op-dispatch points (and where it
 names the node it converts, for errors), so every other op converts exactly as TVM converts it.
 Before import, `shape_fold` makes the shape computations of the now static-shaped model
-constants, which TVM's converters need.
+constants, which TVM's converters need, and `decode_codebooks` turns weights stored as a codebook
+and indices (graphopt's cluster-weights, ternarize, binarize) back into float initializers: TVM
+0.27's frontend cannot read their UINT4 indices, and a constant weight is what its Conv and dense
+kernels pre-pack.
 graphopt's own ops convert only from their domain (`ops.DOMAIN`): an op of the same name from
 another domain is not graphopt's, and is left to TVM, which has no converter for it.
 Loop converts in graphopt.codegen.control_flow (`control_flow.OPS`), which needs the importer
@@ -25,8 +28,10 @@ import contextlib
 import io
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import onnx
 import onnx.inliner
+from onnx import numpy_helper
 
 from graphopt.codegen import (dynamic_quant, dynamic_quant_lstm, int8_import, ml_ops, recurrent, shape_fold,
                               winograd)
@@ -73,7 +78,7 @@ def from_onnx(model: onnx.ModelProto, shape_dict: dict[str, list[int]]):
     `shape_dict` (`shape_fold`). A node that fails to convert raises CodegenError naming it."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    model = shape_fold.prepare(_inline_functions(model), shape_dict)
+    model = shape_fold.prepare(decode_codebooks(_inline_functions(model)), shape_dict)
     read_by = dynamic_shapes.readers(model.graph)
 
     class Importer(onnx_frontend.ONNXGraphImporter):
@@ -129,6 +134,59 @@ def _inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     if all((f.domain, f.name) in own for f in model.functions):
         return model
     return onnx.inliner.inline_selected_functions(model, sorted(own), exclude=True)
+
+
+def decode_codebooks(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each Cast(indices) -> Gather(codebook, .) [-> Mul(., scale)] of initializers
+    (graphopt.passes.quant.codebook's form) replaced by the float initializer it computes, and the
+    initializers only those chains read removed. Exact: a gather copies, and numpy's float32
+    multiply is the one the runtime does. `model` itself when there is none, else one copy."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    made = {n.output[0]: n for n in graph.node if n.output}
+    chains = []
+    for gather in graph.node:
+        cast = made.get(gather.input[1]) if gather.op_type == "Gather" and len(gather.input) == 2 else None
+        if cast is None or cast.op_type != "Cast" or cast.input[0] not in inits or gather.input[0] not in inits \
+                or len(readers.get(cast.output[0], [])) != 1:
+            continue
+        nodes = [cast, gather]
+        scale = readers.get(gather.output[0], [])
+        if len(scale) == 1 and scale[0].op_type == "Mul" and scale[0].input[0] == gather.output[0] \
+                and scale[0].input[1] in inits:
+            nodes.append(scale[0])
+        chains.append(nodes)
+    if not chains:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph, inputs = out.graph, set()
+    for cast, gather, *mul in chains:
+        axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
+        w = np.take(numpy_helper.to_array(inits[gather.input[0]]),
+                    numpy_helper.to_array(inits[cast.input[0]]).astype(np.int64), axis=axis)
+        if mul:
+            w = w * numpy_helper.to_array(inits[mul[0].input[1]])
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), (mul[0] if mul else gather).output[0]))
+        inputs |= {cast.input[0], gather.input[0], *(m.input[1] for m in mul)}
+    kept = [n for n in graph.node if not _is_in(n, chains)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    # A subgraph may read an outer initializer by name: with one, every initializer stays.
+    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in kept for a in n.attribute):
+        read = {name for n in kept for name in n.input} | {o.name for o in graph.output}
+        unused = [i for i in graph.initializer if i.name in inputs and i.name not in read]
+        for i in unused:
+            graph.initializer.remove(i)
+    return out
+
+
+def _is_in(node: onnx.NodeProto, chains: list[list[onnx.NodeProto]]) -> bool:
+    return any(node.output[:1] == c.output[:1] for chain in chains for c in chain)
 
 
 def node_error(node: onnx.NodeProto, error: BaseException) -> str:

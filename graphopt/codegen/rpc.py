@@ -122,6 +122,40 @@ def check(remote: Remote) -> int:
     return count
 
 
+def connect(remote: Remote, timeout: float = 120.0, session_timeout: int = 600):
+    """A session on one free server under `remote.key` (checked first), for running a library
+    there (`codegen.load(..., session=)`); the tracker queues the request while all are busy, for
+    at most `timeout` seconds."""
+    check(remote)
+    from tvm import rpc
+
+    answer: dict = {}
+
+    def request() -> None:
+        try:
+            tracker = rpc.connect_tracker(remote.host, remote.port)
+            answer["session"] = tracker.request(remote.key, session_timeout=session_timeout)
+        except Exception as e:  # noqa: BLE001 - whatever it was, no session
+            answer["error"] = e
+
+    asking = threading.Thread(target=request, daemon=True)
+    asking.start()
+    asking.join(timeout)
+    if "session" in answer:
+        return answer["session"]
+    why = tvm_error_summary(answer["error"]) if "error" in answer else f"every server stayed busy for {timeout:g} s"
+    raise RpcError(f"no session on a server under '{remote.key}' at {remote.address}: {why}")
+
+
+def emulated(session) -> str | None:
+    """What the device says of itself when it is emulated (the servers `graphopt farm up --arm`
+    starts answer `graphopt.emulated`), or None: a real device's times are the device's."""
+    try:
+        return str(session.get_function("graphopt.emulated")())
+    except Exception:  # noqa: BLE001 - TVM's servers have no such function
+        return None
+
+
 def lost(error_msg: str | None) -> bool:
     """Whether a runner error says the session broke (the device or its server went away)
     rather than the kernel failing."""

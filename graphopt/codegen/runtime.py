@@ -9,6 +9,11 @@ Inputs are the model's own: where the manifest lists host encoders (string looku
 inputs, `host_encoders`), `run` feeds the strings through them on the host and hands the library
 their numbers; `benchmark` times the library alone. A library with AMX kernels first gets Linux's
 permission to use AMX (`amx_permission`), or a clear error where it is refused.
+
+    lib = load("out/model.arm.so", session=rpc.connect(remote))   # on a device, through TVM RPC
+
+With an RPC `session` the library is uploaded to the device and runs there: inputs are copied to
+it, outputs back, and `benchmark` is TVM's time evaluator on the device (no network in the time).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 class CompiledModel:
     """A compiled library with the manifest that describes it, ready to run on its device."""
 
-    def __init__(self, library: Path, model: dict, entry: dict):
+    def __init__(self, library: Path, model: dict, entry: dict, session=None):
         # TVM sizes its thread pool on first use, assuming two hyper-threads per core: half the CPUs
         # (one thread on a 2-CPU VM, half the speed of onnxruntime there). Use every CPU this process
         # may run on, unless the user chose.
@@ -47,12 +52,20 @@ class CompiledModel:
         self.host_encoders = [host_encoders.Encoder.from_json(e) for e in model.get("host_encoders", [])]
         self._arguments = host_encoders.library_arguments(self.inputs, self.host_encoders)
         backend = _backend(entry["device"], library)
-        self.device = backend.runtime_device(library)
+        self.remote = session is not None
         try:
-            module = tvm.runtime.load_module(str(_loadable(library)))
-            self._main = relax.VirtualMachine(module, self.device)["main"]
+            if session is None:
+                self.device = backend.runtime_device(library)
+                module = tvm.runtime.load_module(str(_loadable(library)))
+            else:
+                self.device = session.cuda() if entry["device"] == "cuda" else session.cpu()
+                session.upload(str(library))
+                module = session.load_module(library.name)
+            self._vm = relax.VirtualMachine(module, self.device)
+            self._main = self._vm["main"]
         except Exception as e:  # noqa: BLE001 - TVM raises many unrelated types
-            raise CodegenError(f"{library}: TVM cannot load the library: {tvm_error_summary(e)}"
+            where = " on the device" if session is not None else ""
+            raise CodegenError(f"{library}: TVM cannot load the library{where}: {tvm_error_summary(e)}"
                                f"{backend.load_hint(entry)}") from e
 
     def __call__(self, *arrays: np.ndarray, **feeds: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
@@ -78,6 +91,9 @@ class CompiledModel:
         if repeat < 1:
             raise ValueError("repeat must be at least 1")
         arguments = self._to_device(feeds)
+        if self.remote:  # timed on the device, each run alone
+            timer = self._vm.time_evaluator("main", self.device, number=1, repeat=warmup + repeat)
+            return statistics.median(timer(*arguments).results[warmup:]) * 1e3
         for _ in range(warmup):
             self._main(*arguments)
         self.device.sync()
@@ -115,14 +131,16 @@ class CompiledModel:
         return f"CompiledModel({str(self.library)!r}, target={self.entry['target']!r})"
 
 
-def load(path: str | os.PathLike) -> CompiledModel:
-    """Load a library, or the only library of an output folder, with the manifest beside it."""
+def load(path: str | os.PathLike, session=None) -> CompiledModel:
+    """Load a library, or the only library of an output folder, with the manifest beside it; with
+    an RPC `session` (`codegen.rpc.connect`), onto that device."""
     library = _library(Path(path))
     model, entry = manifest.describe(library)
-    _check_architecture(library)
-    if entry.get("int8_instruction") == "amx":
-        amx_permission.require(library)
-    return CompiledModel(library, model, entry)
+    if session is None:
+        _check_architecture(library)
+        if entry.get("int8_instruction") == "amx":
+            amx_permission.require(library)
+    return CompiledModel(library, model, entry, session)
 
 
 # Libraries this process has loaded: path -> (inode, mtime) of the file then.

@@ -17,7 +17,10 @@ better. Then each batch goes to the kernel whose weighted latency MetaSchedule's
 expects to drop most. MetaSchedule's log goes to `<database>/logs/tune.log`, never to stdout.
 Tuning measures on this machine, so the target must be a CPU of this machine's architecture;
 with `remote=rpc.Remote(...)` it measures on the devices registered with a TVM RPC tracker instead
-(`graphopt.codegen.rpc`), as many at once as there are, and builds here.
+(`graphopt.codegen.rpc`), as many at once as there are, and builds here: for another
+architecture (`--target arm`), each kernel is linked by the cross linker into a library the
+device loads as it is. Several models tune as one set of kernels (a kernel they share is tuned
+once), so that one run keeps every device busy.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.codegen import backends, build, cpu_schedules, host_encoders, rpc, tune_db
-from graphopt.codegen.targets import Target, host_arch, resolve, tvm_error_summary
+from graphopt.codegen.targets import Target, fcompile, host_arch, resolve, tvm_error_summary
 from graphopt.ir import io
 from graphopt.ir.errors import CodegenError
 from graphopt.ir.graph import export
@@ -62,13 +65,17 @@ class TuneResult:
     seconds: float
 
 
-def tune(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Target | str,
+Model = onnx.ModelProto | gs.Graph | str | os.PathLike
+
+
+def tune(model: Model | Sequence[Model], target: Target | str,
          database: str | os.PathLike, *, trials: int = 64, seconds: float | None = None,
          shapes: Mapping[str, Sequence[int]] | None = None,
          progress: Callable[[int, int, float | None], None] | None = None, seed: int = 0,
          remote: rpc.Remote | None = None) -> TuneResult:
-    """Tune `model`'s kernels for `target` until the database folder `database` (created if
-    missing) holds `trials` measurements of them, or `seconds` have passed. With `remote`, the
+    """Tune `model`'s kernels (or those of every model in a list) for `target` until the database
+    folder `database` (created if missing) holds `trials` measurements of them, or `seconds` have
+    passed. With `remote`, the
     kernels are measured on the servers registered with its tracker under its key (checked first:
     `rpc.RpcError` if there are none).
 
@@ -90,7 +97,8 @@ def tune(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Target |
     if folder.exists() and not folder.is_dir():
         raise CodegenError(f"{folder} is a file; the tuning database is a folder")
     (folder / LOG).parent.mkdir(parents=True, exist_ok=True)
-    tasks = _extract_tasks(_read(model), shapes, target, tuning_target)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    tasks = _merged([t for m in models for t in _extract_tasks(_read(m), shapes, target, tuning_target)])
     with _logging_to(folder / LOG):
         db = tune_db.open_database(folder)
         held = tune_db.measured(db, tasks, tuning_target)
@@ -102,7 +110,7 @@ def tune(model: onnx.ModelProto | gs.Graph | str | os.PathLike, target: Target |
         if before < trials and todo:
             session = _Session(before, trials, None if seconds is None else start + seconds, progress,
                                [t.weight for t in todo])
-            _run(todo, db, folder, tuning_target, session, seed, remote, devices)
+            _run(todo, db, folder, tuning_target, session, seed, remote, devices, _export_function(target))
         after = sum(count for count, _ in tune_db.measured(db, tasks, tuning_target))
     return TuneResult(folder, len(tasks), after - before, after, time.monotonic() - start)
 
@@ -211,11 +219,11 @@ class _Session:
 
 
 def _run(tasks: list, db, folder: Path, tuning_target, session: _Session, seed: int,
-         remote: rpc.Remote | None, devices: int | None) -> None:
+         remote: rpc.Remote | None, devices: int | None, export: Callable | None) -> None:
     from tvm.s_tir import meta_schedule as ms
 
     cores = tuning_target.export()["num-cores"]
-    builder = ms.builder.LocalBuilder(max_workers=cores, f_build=_build_function())
+    builder = ms.builder.LocalBuilder(max_workers=cores, f_build=_build_function(), f_export=export)
     runner = ms.runner.LocalRunner() if remote is None else rpc.runner(remote, devices)
     if remote is not None:
         session.gone = lambda: runner.gone
@@ -333,6 +341,38 @@ def _build_function() -> Callable:
         return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
     return build_kernel
+
+
+def _export_function(target: Target) -> Callable | None:
+    """For a target of another architecture, each built kernel linked into a shared library by the
+    cross linker (MetaSchedule's default exports a tar, which the device would link with a
+    compiler of its own); None (the default) for this machine's."""
+    if target.cross is None:
+        return None
+    linker = fcompile(target)
+
+    def export(mod) -> str:
+        import os
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+        mod.export_library(path, fcompile=linker)
+        return path
+
+    return export
+
+
+def _merged(tasks: list) -> list:
+    """Tasks of several models, a kernel they share once, with the calls of all of them."""
+    from tvm.s_tir import meta_schedule as ms
+
+    merged: dict = {}
+    for task in tasks:
+        first = merged.setdefault(tune_db.key(task), task)
+        if first is not task:
+            merged[tune_db.key(task)] = ms.ExtractedTask(first.task_name, first.mod, first.target,
+                                                         list(first.dispatched), int(first.weight) + int(task.weight))
+    return list(merged.values())
 
 
 @functools.cache

@@ -84,6 +84,8 @@ class FidelityInstrument(Instrument):
         # Each pass is held to its bound against the model it was given, not the original: after
         # quantize (LOSSY), lower-int8 is measured against the QDQ model.
         self.given = reference
+        # The outputs of the graph as the last modifying pass left it (None until one has).
+        self.latest: dict[str, np.ndarray] | None = None
 
     def after_pass(self, pass_, graph, record):
         if not record.modified:
@@ -100,7 +102,7 @@ class FidelityInstrument(Instrument):
         if self.enforce:
             self._hold_to_semantics(pass_, outputs)
         self.gate.check(pass_.name, outputs)
-        self.given = outputs
+        self.given = self.latest = outputs
 
     def _hold_to_semantics(self, pass_, outputs):
         semantics = pass_.info.semantics

@@ -18,7 +18,10 @@ from graphopt.passes.prune.channels import PruneChannels
 from graphopt.passes.prune.magnitude import PruneMagnitude
 from graphopt.passes.prune.n_m import PruneNM
 from graphopt.passes.quant.fold_qdq import FoldQDQ
+from graphopt.passes.quant.binarize import Binarize
+from graphopt.passes.quant.cluster_weights import ClusterWeights
 from graphopt.passes.quant.insert_qdq import Quantize
+from graphopt.passes.quant.ternarize import Ternarize
 from graphopt.passes.quant.lower_int8 import LowerInt8
 
 BUILTIN: tuple[type[Pass], ...] = (
@@ -26,6 +29,7 @@ BUILTIN: tuple[type[Pass], ...] = (
     PruneMagnitude, PruneNM, PruneChannels,
     FactorizeSVD, FactorizeTucker,
     Quantize,
+    ClusterWeights, Ternarize, Binarize,
     FoldQDQ,
     LowerInt8,
     Winograd,

@@ -21,6 +21,9 @@ Setting = tuple[int, ...]
 # Convolution weights up to which channel pruning allocates its per-layer ratios by measured
 # sensitivity (see `knobs`); above, every layer loses the same share.
 SENSITIVITY_MAX_WEIGHTS = 1_000_000
+# A knob whose layers do less than this share of the model's multiply-accumulates cannot save the
+# walk's MIN_GAIN of its latency (ResNet-18's classifier: 0.03% of its MACs).
+MIN_SHARE = 0.03
 
 
 @dataclass(frozen=True)
@@ -47,30 +50,36 @@ def knobs(graph: gs.Graph, objective: str, int8_lowering: bool) -> list[Knob]:
     to int8 kernels); otherwise quantized weights are folded into int8 storage."""
     ops = {n.op for n in graph.nodes}
     convs = [n for n in graph.nodes if n.op == "Conv"]
+    small = sum(_weight_count(n) for n in convs) <= SENSITIVITY_MAX_WEIGHTS
     found = []
-    if convs:
-        # Channel counts in multiples of 8 keep every convolution in whole SIMD vectors: an odd
-        # count leaves the compiled kernel scalar (digits: 0.015 -> 0.10 ms at 25% pruned).
-        # Per-layer ratios by sensitivity run the model 4 times per channel group and candidate:
-        # seconds on a small CNN, over ten minutes on ResNet-18 with 128 calibration images.
-        small = sum(_weight_count(n) for n in convs) <= SENSITIVITY_MAX_WEIGHTS
-        allocation = "sensitivity" if small else "uniform"
-        found.append(Knob("channels", tuple(f"prune-channels(ratio={r},allocation={allocation},round_to=8)"
-                                            for r in (0.25, 0.5, 0.75)), _CHANNELS))
-    if ops & {"Gemm", "MatMul"}:
-        found.append(Knob("rank", tuple(f"factorize-svd(ratio={r})" for r in (0.5, 0.25)), _RANK))
-    if any(_spatial(n) for n in convs):
-        found.append(Knob("conv-rank", tuple(f"factorize-tucker(ratio={r})" for r in (0.5, 0.25)), _RANK))
-    if objective == "size":
-        found.append(Knob("sparsity", tuple(f"prune-magnitude(sparsity={s})" for s in (0.5, 0.7, 0.9)), _SPARSITY))
-    if objective == "latency" and any(_winograd_shaped(n) for n in convs):
-        found.append(Knob("winograd", ("winograd",), _WINOGRAD))
+    # The int8 knob first: on a CPU with int8 kernels it saves most (ResNet-18 on AMX: 5x), and
+    # knobs are probed in this order, so a short budget measures it before the others.
     finish = "lower-int8" if int8_lowering and objective == "latency" else "fold-qdq"
     quant = (f"quantize(keep_float=2),{finish}", f"quantize,{finish}")
     if objective == "size":
         quant += ("quantize(weight_bits=4,group_size=32),fold-qdq",)
     if ops & {"Conv", "Gemm", "MatMul"}:
         found.append(Knob("int8", quant, _QUANT))
+    if convs:
+        # Channel counts in multiples of 8 keep every convolution in whole SIMD vectors: an odd
+        # count leaves the compiled kernel scalar (digits: 0.015 -> 0.10 ms at 25% pruned).
+        # Per-layer ratios by sensitivity run the model 4 times per channel group and candidate:
+        # seconds on a small CNN, over ten minutes on ResNet-18 with 128 calibration images.
+        allocation = "sensitivity" if small else "uniform"
+        found.append(Knob("channels", tuple(f"prune-channels(ratio={r},allocation={allocation},round_to=8)"
+                                            for r in (0.25, 0.5, 0.75)), _CHANNELS))
+    share = _mac_share(graph, {"Gemm", "MatMul"})
+    if ops & {"Gemm", "MatMul"} and (share is None or share >= MIN_SHARE):
+        found.append(Knob("rank", tuple(f"factorize-svd(ratio={r})" for r in (0.5, 0.25)), _RANK))
+    # Tucker-2 on ResNet-18 took 459 s a candidate (data-aware rank choice over 19 convolutions),
+    # and its three thinner convolutions ran slower than the one they replaced (23.6 vs 17.7 ms):
+    # on large models the budget goes to knobs that pay.
+    if small and any(_spatial(n) for n in convs):
+        found.append(Knob("conv-rank", tuple(f"factorize-tucker(ratio={r})" for r in (0.5, 0.25)), _RANK))
+    if objective == "size":
+        found.append(Knob("sparsity", tuple(f"prune-magnitude(sparsity={s})" for s in (0.5, 0.7, 0.9)), _SPARSITY))
+    if objective == "latency" and any(_winograd_shaped(n) for n in convs):
+        found.append(Knob("winograd", ("winograd",), _WINOGRAD))
     return found
 
 
@@ -89,6 +98,17 @@ def describe(space: list[Knob], setting: Setting) -> str:
     """A few words for a setting: 'channels 2, int8 1' or 'baseline'."""
     words = [f"{k.name} {level}" for k, level in zip(space, setting) if level]
     return ", ".join(words) or "baseline"
+
+
+def _mac_share(graph: gs.Graph, ops: set[str]) -> float | None:
+    """The share of the model's multiply-accumulates in `ops` nodes (symbolic dims as 1), or None
+    when shapes do not tell."""
+    from graphopt.ir.cost import macs
+    from graphopt.ir.graph import infer_shapes
+
+    counted = [(n.op, macs(n)) for n in infer_shapes(graph.copy()).nodes]
+    total = sum(m for _, m in counted)
+    return sum(m for op, m in counted if op in ops) / total if total else None
 
 
 def _weight_count(node: gs.Node) -> int:

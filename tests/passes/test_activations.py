@@ -55,10 +55,26 @@ def test_streamed_statistics_equal_the_whole_data_set():
     x = RNG.standard_normal((10, 4, 9, 8)).astype(np.float32)
     stats = activations.statistics(graph, graph.nodes, {"x": x}, batch_size=3, keep_rows=50)["conv"]
     rows = activations.layer_rows(graph.nodes[0], x).astype(np.float64)
-    np.testing.assert_allclose(stats.hessian, np.einsum("gnk,gnl->gkl", rows, rows) / rows.shape[1], rtol=1e-6)
+    # float32 sums within a batch, float64 across batches
+    np.testing.assert_allclose(stats.hessian, np.einsum("gnk,gnl->gkl", rows, rows) / rows.shape[1],
+                               rtol=1e-5, atol=1e-6)
     assert stats.rows_seen == rows.shape[1] and stats.rows.shape == (2, 50, rows.shape[2])
     # every kept row is one of the layer's rows
     assert all(np.isclose(rows[0], r).all(axis=1).any() for r in stats.rows[0].astype(np.float64))
+
+
+def test_many_rows_are_sampled_to_the_budget_and_estimate_the_same_moment(monkeypatch):
+    monkeypatch.setattr(activations, "MIN_ROWS", 0)
+    monkeypatch.setattr(activations, "ROWS_PER_K", 100)  # K = 18 per group: 1800 of 7200 rows
+    model, _ = _conv(group=2, pads=[1, 1, 1, 1])
+    graph = gs.import_onnx(tiny.with_dims(model, ["N", 4, 9, 8]))
+    x = RNG.standard_normal((100, 4, 9, 8)).astype(np.float32)
+    stats = activations.statistics(graph, graph.nodes, {"x": x}, batch_size=10)["conv"]
+    rows = activations.layer_rows(graph.nodes[0], x).astype(np.float64)
+    assert rows.shape[1] == 7200 and stats.rows_seen == 1800
+    full = np.einsum("gnk,gnl->gkl", rows, rows) / rows.shape[1]
+    # a sample covariance of n rows is within a few sqrt(K / n) of the whole, relatively
+    assert np.linalg.norm(stats.hessian - full) < 3 * np.sqrt(18 / 1800) * np.linalg.norm(full)
 
 
 def test_an_activation_product_is_refused_by_name():
