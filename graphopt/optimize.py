@@ -9,15 +9,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import fidelity, io, ort
+from graphopt.ir import fidelity, io, ort, stream
 from graphopt.ir.data import (Batching, InputSpec, Split, check_feeds, hold_aside, input_specs, is_static, load_data,
                               random_feeds)
 from graphopt.ir.errors import DataError, GraphoptError, ModelError, RuntimeRejected, VerificationError
 from graphopt.ir.graph import infer_shapes
 from graphopt.ir.shapes import Shapes, check_input_shapes, specialize_in_place
+from graphopt.pack import pack_bytes
 from graphopt.passes.base import Pass, PassContext
 from graphopt.passes.gate import Gate
-from graphopt.passes.manager import FidelityInstrument, Instrument, PassManager
+from graphopt.passes.manager import FidelityInstrument, Instrument, PassManager, PassRecord, SizeInstrument
 from graphopt.passes.pipeline import Pipeline
 from graphopt.report import summarize
 
@@ -56,7 +57,9 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
     fidelity, top-1 accuracy and the gate are measured on the other (graphopt.passes.gate): a pass
     that drops top-1 by more than `max_drop` points, leaves an output below `min_cosine`, or (with
     neither given) misses its own LOSSY bound raises GateError. `phase` is told (one line) when a
-    long step that is not a pass starts: the original model's reference run, the timing."""
+    long step that is not a pass starts: the original model's reference run, the timing. A pipeline
+    with a codebook pass (cluster-weights, ternarize, binarize) adds Deep Compression's staged
+    table (`deep_compression`: bytes and top-1 original, pruned, clustered, packed as .gopt)."""
     phase = phase or (lambda line: None)
     where = str(model) if isinstance(model, (str, os.PathLike)) else ""
     graph = io.load(model) if where else model.copy()
@@ -82,7 +85,10 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
     latency_before = ort.measure_latency(graph, sample) if latency else None
     layers_before = ort.node_times_ms(graph, sample) if latency else None
     checks = (FidelityInstrument(reference, feeds, gate, enforce=verify),) if verify or gate.user_set else ()
-    records = PassManager(pipeline, verify=verify, instruments=checks + tuple(instruments)).run(
+    # Deep Compression's staged table needs the size after each pass (counted, not serialized).
+    sizes = SizeInstrument() if any(p.name in CODEBOOK_PASSES for p in pipeline) else None
+    records = PassManager(pipeline, verify=verify, instruments=checks + tuple(instruments) + ((sizes,) if sizes else ())
+                          ).run(
         graph, PassContext(feeds=split.calibration, from_data=data is not None, seed=seed, verify=verify,
                            latency=target_timer))
     after = summarize(infer_shapes(graph), shapes=shapes)
@@ -114,6 +120,8 @@ def optimize(model: str | os.PathLike | gs.Graph, passes: str | list[Pass] | Pip
     notes = list(getattr(getattr(graph, "props", None), "notes", ()))
     if notes:  # what loading changed deliberately (an IR version raised)
         report["notes"] = notes
+    if sizes is not None:
+        report["deep_compression"] = _deep_compression(graph, records, sizes.sizes, before["size_bytes"], accuracy)
     if opset is not None:
         report["opset"] = opset
     if static:
@@ -164,6 +172,44 @@ def _accuracy_section(gate: Gate, reference: dict[str, np.ndarray], final: dict[
         return None
     return {"metric": gate.metric(), "before": round(before, 4), "after": round(after, 4),
             "samples": gate.samples}
+
+
+def _deep_compression(graph: gs.Graph, records: list[PassRecord], sizes: list[int], original: int,
+                      accuracy: dict | None) -> dict:
+    """Deep Compression's stages (Han et al. 2016): the original's bytes, after the last prune-* pass
+    (when one ran), after the last codebook pass (cluster-weights, ternarize, binarize) and the final
+    model as graphopt.pack's .gopt (Huffman-coded indices, the zeros' runs coded), each with its
+    ratio to the original and top-1 where the data has labels (the record of the last pass that
+    changed the model). Bytes are the serialized ONNX model's: a pruned float weight keeps its
+    zeros, so pruning alone shrinks nothing until the model is packed."""
+    acc = accuracy or {}
+
+    def stage(name: str, size: int | None, top1, **extra) -> dict:
+        row = {"stage": name, "bytes": size, "ratio": round(original / size, 2) if size else None, **extra}
+        return {**row, "top1": top1} if top1 is not None else row
+
+    def top1(upto: int):
+        changed = [r for r in records[:upto + 1] if r.modified]
+        return changed[-1].top1 if changed else acc.get("before")
+
+    stages = [stage("original", original, acc.get("before"))]
+    for name, matches in (("pruned", lambda r: r.name.startswith("prune-")),
+                          ("clustered", lambda r: r.name in CODEBOOK_PASSES)):
+        last = max((i for i, r in enumerate(records) if matches(r)), default=None)
+        if last is not None:
+            stages.append(stage(name, sizes[last], top1(last), after=records[last].name))
+    if stream.size(graph) > PACK_LIMIT:  # io.save moves the weights to a .data file, which pack does not take
+        stages.append(stage("packed", None, None, reason="over 2 GB: the weights are saved as external data"))
+    else:  # the bytes io.save writes (stream.write), so they are what `graphopt pack` packs
+        _, packed = pack_bytes(b"".join(stream.chunks(graph)))
+        stages.append(stage("packed", packed.packed_bytes, acc.get("after"), zlib_bytes=packed.zlib_bytes))
+    return {"stages": stages}
+
+
+# The passes that store weights as a codebook and indices: the "clustered" stage.
+CODEBOOK_PASSES = ("cluster-weights", "ternarize", "binarize")
+# Under this io.save writes the weights inline (graphopt.ir.io.PROTOBUF_LIMIT less its margin).
+PACK_LIMIT = io.PROTOBUF_LIMIT - (1 << 24)
 
 
 def _analysis_shapes(specs: list[InputSpec], feeds: dict[str, np.ndarray], from_data: bool,

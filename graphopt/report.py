@@ -256,6 +256,31 @@ def thousands(value) -> str:
     return "n/a" if value is None else f"{value:,}"
 
 
+# Deep Compression's stages as the report names them, and as its tables show them.
+STAGE_LABELS = {"original": "original", "pruned": "pruned", "clustered": "clustered",
+                "packed": "packed (.gopt, Huffman)"}
+
+
+def deep_compression_rows(section: dict) -> list[list[str]]:
+    """Deep Compression's staged table (report["deep_compression"]) as rows of text: stage (with
+    the pass it follows), bytes, ratio to the original, top-1 (n/a without labels)."""
+    rows = []
+    for s in section["stages"]:
+        label = STAGE_LABELS.get(s["stage"], s["stage"]) + (f" ({s['after']})" if s.get("after") else "")
+        rows.append([label, thousands(s.get("bytes")), "n/a" if s.get("ratio") is None else f"{s['ratio']:.1f}x",
+                     "n/a" if s.get("top1") is None else f"{s['top1']:.2f}%"])
+    return rows
+
+
+def format_deep_compression(section: dict) -> list[str]:
+    """The staged table for the console: a header and one line per stage."""
+    rows = deep_compression_rows(section)
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{'Deep Compression':{width}}{'bytes':>12}{'ratio':>9}{'top-1':>10}"]
+    lines += [f"{r[0]:{width}}{r[1]:>12}{r[2]:>9}{r[3]:>10}" for r in rows]
+    return lines
+
+
 def format_sensitivity(table: dict) -> str:
     """The per-layer table of a sensitivity analysis (`Table.as_dict()`): cosine per ratio, and
     accuracy per ratio when it was measured."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.report import choices, json_text, thousands
+from graphopt.report import choices, deep_compression_rows, json_text, thousands
 
 
 def write_html(report: dict, path: Path) -> None:
@@ -42,6 +42,9 @@ def write_html(report: dict, path: Path) -> None:
         if p.get("refused"):
             parts.append(f"<h2>Refused: {escape(p['name'])}</h2>" + _table(
                 ["node", "reason"], [[r["node"], r["reason"]] for r in p["refused"]]))
+    if report.get("deep_compression"):
+        parts.append("<h2>Deep Compression, stage by stage</h2>" + _table(
+            ["stage", "bytes", "vs original", "top-1"], deep_compression_rows(report["deep_compression"])))
     layers = ((report.get("latency_ms") or {}).get("onnxruntime") or {}).get("layers")
     if layers:
         parts.append("<h2>Latency per layer (onnxruntime profiler)</h2>" + _layer_latency(layers))

@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from graphopt.report import choices, pass_outcome
+from graphopt.report import choices, format_deep_compression, pass_outcome
 
 VALUE = 16  # width of the before / after columns
 _COUNTS = ("params", "size_bytes", "compressed_bytes", "macs", "nodes")
@@ -53,6 +53,8 @@ def summary_lines(report: dict) -> list[str]:
     if acc:
         lines.append(f"{acc['metric']}: {acc['before']:.2f}% -> {acc['after']:.2f}% on {acc['samples']} "
                      f"held-aside samples")
+    if report.get("deep_compression"):
+        lines += format_deep_compression(report["deep_compression"])
     lines += _library_lines(report.get("codegen"))
     return lines
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import fidelity, ort, verify
+from graphopt.ir import fidelity, ort, stream, verify
 from graphopt.ir.errors import GateError, GraphoptError, ModelError, PassError, VerificationError
 from graphopt.ir.graph import opset
 from graphopt.ir.opset import upgrade_in_place
@@ -115,6 +115,17 @@ class FidelityInstrument(Instrument):
             why = semantics.violation(ref, outputs[name])
             if why:
                 raise VerificationError(f"pass '{pass_.name}' broke its semantics on output '{name}': {why}")
+
+
+class SizeInstrument(Instrument):
+    """The model's serialized size after each pass, in pass order (graphopt.ir.stream.size: counted
+    without reading a weight), for Deep Compression's staged table."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+
+    def after_pass(self, pass_, graph, record):
+        self.sizes.append(stream.size(graph))
 
 
 class PassManager:
