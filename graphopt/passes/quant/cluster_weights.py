@@ -9,7 +9,11 @@ the paper's recommendation, density or random). A layer holding exact zeros (pru
 exactly: index 0 is 0.0 and only the nonzeros share the other 2^bits - 1 centroids.
 weighting=data (the default with --data) weighs each weight's squared error by the second moment of
 the input it multiplies (diag of the layer's input Hessian H from graphopt.passes.activations; for
-a Conv its im2col column's), so the centroids sit where the weights that matter are.
+a Conv its im2col column's), so the centroids sit where the weights that matter are; then each
+weight's centroid is chosen GPTQ's way (graphopt.passes.quant.gptq.compensate): a column at a time,
+the nearest centroid, its error spread over the columns not yet chosen through H⁻¹, so that the
+layer's output on the calibration data moves least (nearest-centroid alone ignores how inputs
+correlate); pruned zeros stay zero.
 Refuses: a weight shared with another node or that is a graph output, a weight that is not
 float32, a layer with fewer weights than 2^bits; below opset 21 at bits <= 4 outside the manager
 (which upgrades the model for UINT4).
@@ -35,6 +39,7 @@ from graphopt.kernels.kmeans import INITS, kmeans_1d
 from graphopt.passes import activations
 from graphopt.passes.base import LOSSY, Layer, LayerOptions, PassContext, PassInfo, option
 from graphopt.passes.quant.codebook import Codebook, CodebookPass, with_opset
+from graphopt.passes.quant.gptq import act_order, compensate
 
 WEIGHTINGS = ("auto", "none", "data")
 # Declared output cosine by bits, measured on the builders (random weights, the hardest case) and
@@ -107,6 +112,30 @@ def diag_importance(node: gs.Node, hessian: np.ndarray, damping: float) -> np.nd
     return activations.weight_values(node, np.broadcast_to(diag[:, None, :], matrix.shape)).astype(np.float64)
 
 
+def compensated(node: gs.Node, book: Codebook, stats: activations.LayerStats, damping: float) -> Codebook:
+    """`book`'s centroids, each weight's chosen by GPTQ's column walk (act-order) instead of its
+    nearest: the centroid nearest to the weight as earlier columns' errors moved it."""
+    matrix = activations.weight_matrix(node)  # [groups, outputs, K]
+    zero = matrix == 0
+    reserved = bool(zero.any()) and book.values[0] == 0  # index 0 is the pruned zero
+    choices = book.values[1:] if reserved else book.values
+    rounded = np.empty(matrix.shape, np.float64)
+    for g in range(matrix.shape[0]):
+        def nearest(column: np.ndarray, j: int, g: int = g) -> np.ndarray:
+            picked = choices[np.abs(column[:, None] - choices[None, :]).argmin(axis=1)].astype(np.float64)
+            return np.where(zero[g][:, j], 0.0, picked) if reserved else picked
+        rounded[g] = compensate(matrix[g], stats.hessian[g], nearest, damping, order=act_order(stats.hessian[g]),
+                                rows=stats.rows_seen)
+    decoded = activations.weight_values(node, rounded.astype(np.float32))
+    # Every value is one of the centroids: its index is where it sits in the (sorted) codebook.
+    order = np.argsort(book.values, kind="stable")
+    at = np.clip(np.searchsorted(book.values[order], decoded), 0, len(order) - 1)
+    indices = order[at]
+    if reserved:
+        indices[decoded == 0] = 0
+    return Codebook(book.values, indices.astype(book.indices.dtype), book.scale)
+
+
 def no_rows(layer: Layer) -> str | None:
     """Why the layer has no input moments to weigh its weights by, or None when it has."""
     if layer.match != 1:
@@ -149,15 +178,18 @@ class ClusterWeights(CodebookPass):
             feeds = ctx.feeds if ctx.feeds is not None else random_feeds(input_specs(graph), ctx.seed, batch=8)
             report = (lambda done, total: ctx.progress("cluster statistics", done, total)) if ctx.progress else None
             stats = activations.statistics(graph, nodes, feeds, progress=report)
-        return {layer.name: diag_importance(layer.node, stats[layer.name].hessian, self.options.damping)
-                if layer.name in stats else f"none (data: {why[layer.name]})" for layer in layers}
+        return {layer.name: stats.get(layer.name) or f"none (data: {why[layer.name]})" for layer in layers}
 
-    def encode(self, layer: Layer, ctx: PassContext, weights: np.ndarray | str | None) -> tuple[Codebook, dict]:
+    def encode(self, layer: Layer, ctx: PassContext, stats: activations.LayerStats | str | None
+               ) -> tuple[Codebook, dict]:
         o = self.options
         values = layer.node.inputs[layer.match].values
-        fallback = weights if isinstance(weights, str) else None
-        weights = None if fallback else weights
+        fallback = stats if isinstance(stats, str) else None
+        stats = None if fallback else stats
+        weights = None if stats is None else diag_importance(layer.node, stats.hessian, o.damping)
         book = cluster(values, o.bits, weights, o.init, ctx.seed, o.max_iter)
+        if stats is not None:
+            book = compensated(layer.node, book, stats, o.damping)
         how = fallback or ("data" if weights is not None else "none")
         return book, {"bits": o.bits, "init": o.init, "weighting": how, "zeros_kept": int(np.sum(values == 0))}
 

@@ -22,6 +22,8 @@ nearest rounding, exact reconstruction, act-order and blocks against the unblock
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from graphopt.passes.prune.sparsegpt import inverse_factor
@@ -40,34 +42,45 @@ def gptq(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray, qmin: int, 
     (a permutation of range(K); None: as they are). `rows`: how many rows H was estimated from."""
     if weight.shape != scale.shape or hessian.shape != (weight.shape[1],) * 2:
         raise ValueError(f"weight {weight.shape}, scale {scale.shape} and hessian {hessian.shape} disagree")
-    w = np.array(weight, np.float64)
     s = np.array(scale, np.float64)
-    h = np.asarray(hessian, np.float64)
-    if order is not None:
-        w, s, h = w[:, order], s[:, order], h[order][:, order]
-    u = inverse_factor(h, damping, rows)
-    q = np.empty_like(w)
+
+    def to_grid(values: np.ndarray, column: int) -> np.ndarray:
+        return np.clip(np.rint(values / s[:, column]), qmin, qmax) * s[:, column]
+
+    return np.rint(compensate(weight, hessian, to_grid, damping, block_size, order, rows) / s)
+
+
+def compensate(weight: np.ndarray, hessian: np.ndarray, round_column: Callable[[np.ndarray, int], np.ndarray],
+               damping: float = 0.01, block_size: int = 128, order: np.ndarray | None = None,
+               rows: int | None = None) -> np.ndarray:
+    """`weight` [rows, K] rounded a column at a time by `round_column(values, column)` (column: its
+    index in `weight`), each column's error spread over the columns not yet visited (the OBS update
+    above): GPTQ for any set of values a weight may take (an integer grid, a codebook)."""
+    w = np.array(weight, np.float64)
     k = w.shape[1]
+    order = np.arange(k) if order is None else np.asarray(order)
+    w, h = w[:, order], np.asarray(hessian, np.float64)[order][:, order]
+    u = inverse_factor(h, damping, rows)
+    out = np.empty_like(w)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        q[:, i1:i2], errors = _round_block(w[:, i1:i2], s[:, i1:i2], u[i1:i2, i1:i2], qmin, qmax)
+        out[:, i1:i2], errors = _round_block(w[:, i1:i2], u[i1:i2, i1:i2], round_column, order[i1:i2])
         # The block's errors move the columns after it, as the column loop moved those inside it.
         w[:, i2:] -= errors @ u[i1:i2, i2:]
-    if order is not None:
-        q = q[:, np.argsort(order)]
-    return q
+    return out[:, np.argsort(order)]
 
 
-def _round_block(w: np.ndarray, s: np.ndarray, u: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """One block: its integers and the scaled errors e = (w - q·s) / U_jj, column by column."""
+def _round_block(w: np.ndarray, u: np.ndarray, round_column: Callable[[np.ndarray, int], np.ndarray],
+                 columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One block: its rounded values and the scaled errors e = (w - rounded) / U_jj, column by column."""
     w = w.copy()
-    q = np.empty_like(w)
+    out = np.empty_like(w)
     errors = np.empty_like(w)
     for i in range(w.shape[1]):
-        q[:, i] = np.clip(np.rint(w[:, i] / s[:, i]), qmin, qmax)
-        errors[:, i] = (w[:, i] - q[:, i] * s[:, i]) / u[i, i]
+        out[:, i] = round_column(w[:, i], int(columns[i]))
+        errors[:, i] = (w[:, i] - out[:, i]) / u[i, i]
         w[:, i + 1:] -= np.outer(errors[:, i], u[i, i + 1:])
-    return q, errors
+    return out, errors
 
 
 def output_error(weight: np.ndarray, rounded: np.ndarray, hessian: np.ndarray) -> float:
