@@ -176,8 +176,8 @@ def _accuracy_section(gate: Gate, reference: dict[str, np.ndarray], final: dict[
 
 def _deep_compression(graph: gs.Graph, records: list[PassRecord], sizes: list[int], original: int,
                       accuracy: dict | None) -> dict:
-    """Deep Compression's stages (Han et al. 2016): the original's bytes, after the last prune-* pass
-    (when one ran), after the last codebook pass (cluster-weights, ternarize, binarize) and the final
+    """Deep Compression's stages (Han et al. 2016): the original's bytes, after the last prune-* or
+    factorize-* pass (when one ran: both cut parameters before weight sharing), after the last codebook pass (cluster-weights, ternarize, binarize) and the final
     model as graphopt.pack's .gopt (Huffman-coded indices, the zeros' runs coded), each with its
     ratio to the original and top-1 where the data has labels (the record of the last pass that
     changed the model). Bytes are the serialized ONNX model's: a pruned float weight keeps its
@@ -193,11 +193,12 @@ def _deep_compression(graph: gs.Graph, records: list[PassRecord], sizes: list[in
         return changed[-1].top1 if changed else acc.get("before")
 
     stages = [stage("original", original, acc.get("before"))]
-    for name, matches in (("pruned", lambda r: r.name.startswith("prune-")),
+    for name, matches in (("pruned", lambda r: r.name.startswith(("prune-", "factorize-"))),
                           ("clustered", lambda r: r.name in CODEBOOK_PASSES)):
         last = max((i for i, r in enumerate(records) if matches(r)), default=None)
-        if last is not None:
-            stages.append(stage(name, sizes[last], top1(last), after=records[last].name))
+        if last is not None:  # `after`: the stage's passes, in the order they first ran
+            after = ", ".join(dict.fromkeys(r.name for r in records[:last + 1] if matches(r)))
+            stages.append(stage(name, sizes[last], top1(last), after=after))
     if stream.size(graph) > PACK_LIMIT:  # io.save moves the weights to a .data file, which pack does not take
         stages.append(stage("packed", None, None, reason="over 2 GB: the weights are saved as external data"))
     else:  # the bytes io.save writes (stream.write), so they are what `graphopt pack` packs

@@ -81,3 +81,16 @@ def test_the_console_and_report_html_show_the_table(run):
 def test_no_table_without_a_codebook_pass():
     result = optimize(DIGITS, "canonicalize,prune-magnitude(sparsity=0.5)", data=TEST, latency=False)
     assert "deep_compression" not in result.report
+
+
+def test_a_low_rank_factor_counts_as_the_pruned_stage():
+    """factorize-svd cuts parameters before weight sharing as pruning does: the pruned stage names
+    both passes and has the size after the last of them (digits: 20% of the Gemm parameters kept)."""
+    from graphopt.optimize import optimize
+
+    spec = "canonicalize,factorize-svd(ratio=0.2),prune-magnitude(sparsity=0.5,include=Conv),cluster-weights(bits=4)"
+    report = optimize(DIGITS, spec, data=TEST, latency=False, min_cosine=-1.0).report
+    stages = {s["stage"]: s for s in report["deep_compression"]["stages"]}
+    assert stages["pruned"]["after"] == "factorize-svd, prune-magnitude"
+    assert stages["pruned"]["bytes"] < 0.6 * stages["original"]["bytes"]  # the Gemms hold most of the weights
+    assert stages["packed"]["ratio"] > 15

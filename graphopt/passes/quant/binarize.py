@@ -11,8 +11,9 @@ Refuses: a weight shared with another node or that is a graph output, a weight t
 float32, fewer than 2 weights; below opset 21 outside the manager (which upgrades for UINT4).
 Guarantees: LOSSY(cosine >= 0.6) with the first and last layer kept (lowest measured: the
 transformer builder 0.68; digits 0.82, top-1 98.9% -> 76.9%), 0.15 with keep=none (a two-layer net
-0.19; digits 0.58, top-1 46.5%): without the retraining XNOR-Net does, binary weights lose much, so
-the gate stops keep=none unless --min-cosine / --max-drop say what is acceptable; at most 2
+0.19; digits 0.58, top-1 46.5%): without the retraining XNOR-Net does, binary weights lose much, and
+that low bound only catches a collapse: --max-drop (with labels) or --min-cosine is what refuses
+a keep=none model that costs too much; at most 2
 distinct values per output channel; idempotent (a coded layer is skipped). Decisions per layer:
 alpha's range, weight SQNR, bytes.
 Verified by: tests/passes/quant/test_binarize.py against onnxruntime.

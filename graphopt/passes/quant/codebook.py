@@ -30,6 +30,7 @@ from onnx import TensorProto, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.ir import fidelity
+from graphopt.ir.data import input_specs, random_feeds
 from graphopt.ir.errors import PipelineError, Refused
 from graphopt.ir.graph import attr, np_dtype, opset, producer
 from graphopt.passes import activations
@@ -38,6 +39,9 @@ from graphopt.passes.weights import check_weight
 from graphopt.pattern import Rewriter
 
 LAYERS = ("Conv", "Gemm", "MatMul")
+# How a pass weighs each weight's error: 'data' by the calibration inputs' moments, 'none' not at
+# all, 'auto' data when the user gave --data.
+WEIGHTINGS = ("auto", "none", "data")
 # Cast from UINT4 (and UINT4 initializers) are opset 21.
 UINT4_OPSET = 21
 
@@ -201,6 +205,36 @@ class CodebookPass(LayerPass):
         result.stats.update(layers=len(result.decisions), bytes_before=before, bytes_after=after,
                             ratio=round(before / after, 2) if after else 1.0)
         return result
+
+
+def resolve_weighting(option: str, ctx: PassContext | None) -> str:
+    """'auto' as 'data' when the pass calibrates on the user's data, else 'none'; the others as given."""
+    if option != "auto":
+        return option
+    return "data" if ctx is not None and ctx.from_data else "none"
+
+
+def layer_statistics(graph: gs.Graph, layers: list[Layer], ctx: PassContext, what: str
+                     ) -> dict[str, activations.LayerStats | str]:
+    """Per layer, its input moments on the calibration feeds (random inputs without --data), or
+    why it has none (`what` names the work on the progress bar)."""
+    why = {layer.name: _no_rows(layer) for layer in layers}
+    nodes = [layer.node for layer in layers if why[layer.name] is None]
+    stats = {}
+    if nodes:
+        feeds = ctx.feeds if ctx.feeds is not None else random_feeds(input_specs(graph), ctx.seed, batch=8)
+        report = (lambda done, total: ctx.progress(what, done, total)) if ctx.progress else None
+        stats = activations.statistics(graph, nodes, feeds, progress=report)
+    return {layer.name: stats.get(layer.name) or f"none (data: {why[layer.name]})" for layer in layers}
+
+
+def _no_rows(layer: Layer) -> str | None:
+    """Why the layer has no input moments to weigh its weights by, or None when it has."""
+    if layer.match != 1:
+        return "the constant operand is A, which the row view does not cover"
+    if isinstance(layer.node.inputs[0], gs.Constant):
+        return "its input is a constant, not calibration data"
+    return activations.supported(layer.node)
 
 
 def with_opset(pass_: CodebookPass) -> None:

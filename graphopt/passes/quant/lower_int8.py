@@ -6,8 +6,9 @@ zero points 0) and an int32 bias at scale input x weight, read by a QuantizeLine
 a Relu) or as float; and DQ -> MaxPool / Flatten / Reshape / Relu / Concat -> Q with one scale.
 Rewrites: QLinearConv, QLinearMatMul, or ConvInteger / MatMulInteger -> Add(bias) -> Cast -> Mul
 [-> QuantizeLinear]; Relu before Q as Max(y, zero point); pass-through ops on the integers (every
-form, and why: docs/passes/lower-int8.md). Then, with activations="uint8", int8 activations become
-uint8 (shift_uint8.py: values and zero points + 128; weights stay int8, for u8 x s8 kernels).
+form, and why: docs/passes/lower-int8.md). Then, with activations="uint8" (or "auto", the default,
+where this host's onnxruntime computes u8 x s8 exactly: shift_uint8.u8s8_inexact), int8 activations
+become uint8 (shift_uint8.py: values and zero points + 128; weights stay int8, for u8 x s8 kernels).
 Refuses: per-channel activations, uint8 or int4 weights, per-group (blocked) weight scales, non-zero
 weight zero points, float or shared weights, a float input (weight-only quantization), a bias not
 int32 at scale input x weight, a scale or zero point computed at run time, Gemm with transA, alpha
@@ -32,7 +33,7 @@ from graphopt.ir.errors import PipelineError
 from graphopt.ir.graph import attr, is_graph_output, np_dtype, producer
 from graphopt.passes.base import TOLERANCE, Pass, PassContext, PassInfo, PassResult, Refusal, Refused, option
 from graphopt.passes.quant.fold_qdq import QTYPES, QParams, onnx_type, qparams
-from graphopt.passes.quant.shift_uint8 import to_uint8
+from graphopt.passes.quant.shift_uint8 import to_uint8, u8s8_inexact
 from graphopt.pattern import MatchResult, Rewriter, Rule, apply_rules, check_replacement
 
 LAYERS = ("Conv", "Gemm", "MatMul")
@@ -315,12 +316,13 @@ def lower_pass_through(rw: Rewriter, node: gs.Node, m: MatchResult) -> str:
 
 @dataclass(frozen=True)
 class Options:
-    activations: str = option("uint8", "'uint8': int8 activations shifted to uint8, exactly (fast u8 x s8 "
-                                       "kernels); 'keep': int8")
+    activations: str = option("auto", "'uint8': int8 activations shifted to uint8, exactly (fast u8 x s8 "
+                                      "kernels); 'keep': int8; 'auto': uint8 where this host's onnxruntime "
+                                      "computes u8 x s8 exactly, else int8")
 
     def __post_init__(self):
-        if self.activations not in ("uint8", "keep"):
-            raise PipelineError(f"lower-int8: activations={self.activations!r} must be 'uint8' or 'keep'")
+        if self.activations not in ("auto", "uint8", "keep"):
+            raise PipelineError(f"lower-int8: activations={self.activations!r} must be 'auto', 'uint8' or 'keep'")
 
 
 class LowerInt8(Pass):
@@ -345,11 +347,16 @@ class LowerInt8(Pass):
         result.refused = [Refusal(node, reason, rule) for (node, rule), reason in applied.refused.items()]
         result.refused += run_time_quantized(graph)
         shifted = 0
-        if self.options.activations == "uint8":
+        # onnxruntime is the reference the lowered model is verified against and runs in: where its
+        # u8 x s8 kernels saturate, uint8 activations would be exact math computed wrongly.
+        inexact = u8s8_inexact() if self.options.activations == "auto" else None
+        if self.options.activations == "uint8" or (self.options.activations == "auto" and inexact is None):
             shifted, kept = to_uint8(graph)
             result.refused += kept
         result.modified = applied.modified or shifted > 0
         result.stats = {"uint8_activations": shifted, "float_ops": float_ops(graph)}
+        if inexact:
+            result.stats["activations"] = f"int8 kept: {inexact}"
         return result
 
 

@@ -15,13 +15,19 @@ when one of its tensors is a graph input or output or is written or read by anot
 point is computed at run time. Nothing changes in a graph where no integer op (anything but
 QuantizeLinear and DequantizeLinear) reads or writes an int8 activation: a QDQ model stays QDQ.
 Weights are not activations: they stay int8 (u8 x s8 is the form x86 VNNI and onnxruntime run fast).
+`u8s8_inexact()` says whether this host's onnxruntime computes u8 x s8 exactly: where its kernels
+add pairs of products in 16 bits with saturation (measured: onnxruntime 1.32 on an AMD EPYC Zen 5,
+QLinearConv off by up to 31 on random operands), lower-int8's activations="auto" keeps int8.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
+from graphopt.ir import ort
 from graphopt.ir.graph import is_graph_input, is_graph_output, producer
 from graphopt.passes.base import Refusal, Refused
 from graphopt.pattern import Rewriter
@@ -182,3 +188,38 @@ def to_uint8(graph: gs.Graph) -> tuple[int, list[Refusal]]:
     if shifted:
         rw.commit()
     return shifted, refused
+
+
+@functools.cache
+def u8s8_inexact() -> str | None:
+    """Why onnxruntime on this host does not compute u8 x s8 exactly, or None when it does: a
+    MatMulInteger and a QLinearConv whose every product is 255 x 127, where 16-bit pair sums
+    (x86 pmaddubsw without VNNI's 32-bit accumulation) saturate, against the exact sums."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = 64
+    x = np.full((1, k), 255, np.uint8)
+    w = np.full((k, 1), 127, np.int8)
+    exact = 255 * 127 * k
+    matmul = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1])], [numpy_helper.from_array(w, "w")]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    got = int(ort.run(matmul, {"x": x})["y"][0, 0])
+    if got != exact:
+        return f"onnxruntime's MatMulInteger u8 x s8 gives {got}, not {exact} (16-bit saturation on this CPU)"
+    # QLinearConv: y = x * w * (sx * sw / sy) = 255 * 127 * k * 1/(255 * 127 * k) * 100 = 100 exactly.
+    conv = helper.make_model(helper.make_graph(
+        [helper.make_node("QLinearConv", ["x", "sx", "zx", "w", "sw", "zw", "sy", "zy"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, k, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1, 1, 1])],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "sx"), numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+         numpy_helper.from_array(w.reshape(1, k, 1, 1), "w"), numpy_helper.from_array(np.array(1.0, np.float32), "sw"),
+         numpy_helper.from_array(np.array(0, np.int8), "zw"),
+         numpy_helper.from_array(np.array(exact / 100.0, np.float32), "sy"),
+         numpy_helper.from_array(np.array(0, np.uint8), "zy")]), opset_imports=[helper.make_opsetid("", 13)])
+    got = int(ort.run(conv, {"x": x.reshape(1, k, 1, 1)})["y"].ravel()[0])
+    if got != 100:
+        return f"onnxruntime's QLinearConv u8 x s8 gives {got}, not 100 (16-bit saturation on this CPU)"
+    return None

@@ -225,8 +225,9 @@ def test_data_weighting_lowers_the_hessian_weighted_error(bits):
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_compensated_choice_lowers_the_output_error_and_keeps_zeros(bits):
-    """GPTQ's column walk over the same centroids: the layer's output error on the calibration rows,
-    tr(ΔW H ΔWᵀ), is below nearest-centroid's in total, and pruned zeros stay zero."""
+    """GPTQ's column walk with the centroids refit to it: the layer's output error on the
+    calibration rows, tr(ΔW H ΔWᵀ), is below nearest-centroid's in total, every layer keeps at most
+    2^bits values, and pruned zeros stay zero."""
     from graphopt.passes.quant.cluster_weights import compensated
     from graphopt.passes.quant.gptq import output_error
 
@@ -238,13 +239,31 @@ def test_compensated_choice_lowers_the_output_error_and_keeps_zeros(bits):
         w = n.inputs[1].values
         book = cluster(w, bits, diag_importance(n, stats[n.name].hessian, 0.01))
         better = compensated(n, book, stats[n.name], 0.01)
-        assert np.array_equal(better.values, book.values) and ((better.decoded() == 0) == (w == 0)).all(), n.name
+        assert better.values.size == 1 << bits and ((better.decoded() == 0) == (w == 0)).all(), n.name
         for g, h in enumerate(stats[n.name].hessian):
             as_matrix = [activations.weight_matrix(n, v)[g] for v in (w, book.decoded(), better.decoded())]
             nearest += output_error(as_matrix[0], as_matrix[1], h)
             walked += output_error(as_matrix[0], as_matrix[2], h)
     print(f"bits={bits}: output error nearest {nearest:.4g}, compensated {walked:.4g}")
     assert walked < 0.9 * nearest
+
+
+def test_refit_centroids_is_the_least_squares_optimum():
+    """For fixed labels, the refit centroids solve the output-error least squares built explicitly
+    (the decoded weight as a design matrix in the centroids), and a kept zero stays out of it."""
+    from graphopt.passes.quant.cluster_weights import refit_centroids
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(1, 6, 10))
+    x = rng.normal(size=(200, 10)) * np.linspace(0.2, 2, 10)
+    h = (x.T @ x / len(x))[None]
+    labels = rng.integers(-1, 4, size=w.shape)
+    fitted = refit_centroids(w, labels, h, np.zeros(4), ridge=0.0)
+    # Output of row i on sample s is Σ_k c_k Σ_{j: L_ij = k} x_sj: one column per centroid.
+    design = np.stack([np.concatenate([x @ (labels[0, i] == k) for i in range(6)]) for k in range(4)], axis=1)
+    target = np.concatenate([x @ w[0, i] for i in range(6)])
+    expected = np.linalg.lstsq(design, target, rcond=None)[0]
+    np.testing.assert_allclose(fitted, expected, rtol=1e-8, atol=1e-10)
 
 
 def test_cli_prune_then_cluster(tmp_path):

@@ -14,6 +14,7 @@ from graphopt.ir import ort
 from graphopt.passes.base import PassContext
 from graphopt.passes.quant.insert_qdq import Quantize
 from graphopt.passes.quant.lower_int8 import LowerInt8
+from graphopt.passes.quant.shift_uint8 import u8s8_inexact
 from graphopt.testing.check import check_pass, ops
 from graphopt.testing.tiny import model, node
 
@@ -68,6 +69,8 @@ def layer_values(graph: gs.Graph, slot: int) -> np.ndarray:
 @pytest.mark.parametrize("activation_type", ["uint8", "int8"])
 @pytest.mark.parametrize("op", ["Conv", "Gemm", "MatMul"])
 def test_negative_activations_within_steps_of_float(op, activation_type):
+    if activation_type == "uint8" and u8s8_inexact():  # onnxruntime's u8 x s8 saturates on this CPU
+        pytest.skip(u8s8_inexact())
     m = layer_model(op)
     feeds = {"x": (np.random.default_rng(1).standard_normal(INPUTS[op]) - 0.5).astype(np.float32)}
     h = channels_last(op, ort.run(m, feeds)["y"])
@@ -75,12 +78,16 @@ def test_negative_activations_within_steps_of_float(op, activation_type):
 
     qdq = gs.import_onnx(m)
     assert Quantize(activation_type=activation_type).run(qdq, PassContext(feeds=feeds)).modified
-    # lower-int8 with its default activations="uint8": int8 activations are shifted to uint8.
+    # lower-int8 with its default activations="auto": int8 activations are shifted to uint8 where
+    # this host's onnxruntime computes u8 x s8 exactly, and stay int8 where it does not.
+    shifts = u8s8_inexact() is None
     lowered, result, _ = check_pass(qdq, LowerInt8(), inputs=[feeds])
     assert result.decisions["layer"]["form"] == FORMS[op] and "DequantizeLinear" in ops(lowered)
-    assert result.stats["uint8_activations"] == (2 if activation_type == "int8" else 0) and not result.refused
-    assert all(np.dtype(t.dtype) == np.uint8 for t in lowered.tensors().values()
-               if isinstance(t, gs.Variable) and t.dtype is not None and np.dtype(t.dtype).itemsize == 1)
+    assert result.stats["uint8_activations"] == (2 if activation_type == "int8" and shifts else 0)
+    assert not result.refused
+    if shifts:
+        assert all(np.dtype(t.dtype) == np.uint8 for t in lowered.tensors().values()
+                   if isinstance(t, gs.Variable) and t.dtype is not None and np.dtype(t.dtype).itemsize == 1)
 
     sx, _ = dequantized(qdq, "x")
     sh, _ = dequantized(qdq, "h")
