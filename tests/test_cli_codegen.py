@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
 
@@ -84,6 +86,8 @@ def test_int8_pipeline_for_x86_runs_integer_kernels_that_agree_with_onnxruntime(
     assert library["cosine"] > 0.999 and library["sqnr_db"] > ort["sqnr_db"] - 1.5
 
 
+# A minute on 2 cores (each conv built and timed both ways); tests/passes/conv covers the choice.
+@pytest.mark.slow
 def test_winograd_measured_on_the_target_reports_each_choice(tmp_path):
     r = graphopt("optimize", DIGITS, "--passes", "canonicalize,winograd(select=measure,emit=tvm)", "--target", "x86",
                  "-o", tmp_path)

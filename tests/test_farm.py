@@ -87,6 +87,7 @@ def test_a_second_farm_in_the_same_folder_is_refused(farm):
     assert r.returncode == 2 and "already up" in r.stderr and "farm down" in r.stderr
 
 
+@pytest.mark.slow  # over a minute on 2 cores: four tracker round trips
 def test_tuning_through_two_servers_gives_a_database_that_compile_applies(farm, tmp_path):
     """A budget of one trial per kernel: their default schedules, measured at once on both servers.
     (MetaSchedule's search through the tracker is tested, slowly, below.)"""
@@ -194,6 +195,7 @@ def test_a_library_measured_on_a_device_agrees_with_onnxruntime(farm, tmp_path):
     assert r.returncode == 1 and "is below --min-cosine 0.999" in r.stderr
 
 
+@pytest.mark.slow  # a minute on 2 cores; test_compile_tunes_on_the_devices_with_rpc tunes through the farm by default
 def test_two_models_tune_as_one_set_of_kernels(farm, tmp_path):
     import onnx
 

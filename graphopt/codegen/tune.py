@@ -255,6 +255,7 @@ def _search(tasks: list, db, folder: Path, tuning_target, session: _Session, see
     from tvm.s_tir.meta_schedule.utils import fork_seed
 
     scheduler, recorder = _tvm_classes()
+    _import_tensor_intrinsics(tuning_target.kind.name)
     cores = tuning_target.export()["num-cores"]
     budget = session.budget
     batch = max(4, min(_MAX_BATCH, budget // 8))  # about eight batches, for the scheduler to spread
@@ -277,6 +278,26 @@ def _search(tasks: list, db, folder: Path, tuning_target, session: _Session, see
     exhausted = {tune_db.key(tasks[i]) for i in session.ended_early if session.measured[i] < budget}
     if exhausted:
         tune_db.mark_exhausted(folder, exhausted)
+
+
+def _import_tensor_intrinsics(kind: str) -> None:
+    """The tensor intrinsics MetaSchedule's default rules name for a `kind` target, registered
+    before TuneContext imports `tvm.s_tir.tensor_intrin`: that package builds every target's
+    intrinsics on import, CUDA's hundreds among them, each TVMScript parse walking
+    `inspect.stack()` (85 s on an AMD EPYC Zen 5, over 90% of a small model's tuning run; the CPU
+    ones take 5 s). The package is entered without running its __init__, then only the submodules
+    a CPU target needs (x86, arm_cpu) are imported, and cuda's for a CUDA target."""
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        package = types.ModuleType(name)
+        package.__spec__, package.__path__ = spec, list(spec.submodule_search_locations)
+        sys.modules[name] = package
+    for sub in ("x86", "arm_cpu", *(("cuda",) if kind == "cuda" else ())):
+        importlib.import_module(f"{name}.{sub}")
 
 
 def _seed_defaults(tasks: list, db, tuning_target, builder, runner, session: _Session) -> None:

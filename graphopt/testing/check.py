@@ -86,3 +86,72 @@ def refusals(result: PassResult) -> list[str]:
 
 def rng_array(shape, seed: int = 0, dtype=np.float32) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+# Integer ops whose uint8 activation onnxruntime multiplies with u8 x s8 kernels: op -> (activation
+# slot, its zero point's slot, the weight's slot, the output zero point's slot or None).
+U8S8_OPS = {"MatMulInteger": (0, 2, 1, None), "ConvInteger": (0, 2, 1, None),
+            "QLinearConv": (0, 2, 3, 7), "QLinearMatMul": (0, 2, 3, 7)}
+
+
+def integer_reference(model: onnx.ModelProto | gs.Graph, feeds: dict[str, np.ndarray],
+                      **session) -> dict[str, np.ndarray]:
+    """The outputs integer kernels are checked against: onnxruntime's; where this CPU's
+    onnxruntime sums u8 x s8 products in 16 bits with saturation (shift_uint8.u8s8_inexact),
+    onnxruntime's on `signed_reference(model)`, the same integers through its exact s8 x s8 kernels."""
+    from graphopt.passes.quant.shift_uint8 import u8s8_inexact
+
+    proto = export(model) if isinstance(model, gs.Graph) else model
+    return ort.run(proto if u8s8_inexact() is None else signed_reference(proto), feeds, **session)
+
+
+def signed_reference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every uint8 activation of a u8 x s8 integer op (and its zero point) moved to
+    int8 by subtracting 128, and a uint8 output moved back: exactly the same integers (an 8-bit
+    value q with zero point z stands for q - z either way), computed by s8 x s8 kernels."""
+    from onnx import TensorProto, helper, shape_inference
+
+    m = shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.input, *m.graph.value_info, *m.graph.output]}
+    types.update({t.name: t.data_type for t in m.graph.initializer})
+    nodes: list[onnx.NodeProto] = []
+    counter = iter(range(1 << 30))
+
+    def moved(name: str, by: int, to: int) -> str:
+        """Cast(Cast(name, int32) + by, to), as new nodes; the new tensor's name."""
+        k = next(counter)
+        wide, shifted, out = f"{name}__s32_{k}", f"{name}__shift_{k}", f"{name}__moved_{k}"
+        nodes.extend([helper.make_node("Cast", [name], [wide], to=TensorProto.INT32),
+                      helper.make_node("Add", [wide, f"__by_{by}"], [shifted]),
+                      helper.make_node("Cast", [shifted], [out], to=to)])
+        return out
+
+    for node in m.graph.node:
+        slots = U8S8_OPS.get(node.op_type)
+        if slots is None or types.get(node.input[slots[0]]) != TensorProto.UINT8 \
+                or types.get(node.input[slots[2]]) != TensorProto.INT8:
+            nodes.append(node)
+            continue
+        x, xz, _, yz = slots
+        inputs = list(node.input) + [""] * (max(slots[:3]) + 1 - len(node.input))
+        inputs[x] = moved(inputs[x], -128, TensorProto.INT8)
+        inputs[xz] = moved(inputs[xz], -128, TensorProto.INT8) if inputs[xz] else "__by_-128_int8"
+        outputs = list(node.output)
+        if yz is not None and types.get(node.output[0]) == TensorProto.UINT8:
+            inputs[yz] = moved(inputs[yz], -128, TensorProto.INT8)
+            outputs[0] = node.output[0] + "__signed"
+        signed = helper.make_node(node.op_type, inputs, outputs, name=node.name, domain=node.domain)
+        signed.attribute.extend(node.attribute)
+        nodes.append(signed)
+        if outputs[0] != node.output[0]:
+            nodes.append(helper.make_node("Cast", [moved(outputs[0], 128, TensorProto.UINT8)], [node.output[0]],
+                                          to=TensorProto.UINT8))
+    constants = [onnx.numpy_helper.from_array(np.array(-128, np.int32), "__by_-128"),
+                 onnx.numpy_helper.from_array(np.array(128, np.int32), "__by_128"),
+                 onnx.numpy_helper.from_array(np.array(-128, np.int8), "__by_-128_int8")]
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(constants)
+    return out

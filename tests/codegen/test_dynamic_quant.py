@@ -16,6 +16,8 @@ from graphopt import codegen
 from graphopt.codegen import build
 from graphopt.ir import ort
 from graphopt.ir.errors import CodegenError
+from graphopt.passes.quant.shift_uint8 import u8s8_inexact
+from graphopt.testing.check import integer_reference
 
 quantization = pytest.importorskip("onnxruntime.quantization")
 
@@ -76,7 +78,7 @@ def test_dynamic_quantize_linear_matches_onnxruntime_bit_for_bit(tmp_path):
     lib = _compiled(model, "x86", tmp_path)
     for name, make in DATA.items():
         feeds = {"x": make(rng, x.shape)}
-        expected, got = ort.run(model, feeds), lib.run(feeds)
+        expected, got = integer_reference(model, feeds), lib.run(feeds)
         for output in expected:
             assert got[output].dtype == expected[output].dtype, (name, output)
             np.testing.assert_array_equal(got[output], expected[output], err_msg=f"{name}: {output}")
@@ -146,7 +148,7 @@ def test_integer_ops_with_run_time_zero_points_are_exact(case, target, tmp_path)
     lib = _compiled(model, target, tmp_path)
     for _ in range(2):
         feeds = _feeds(rng, model)
-        expected, got = ort.run(model, feeds)["y"], lib.run(feeds)["y"]
+        expected, got = integer_reference(model, feeds)["y"], lib.run(feeds)["y"]
         assert got.dtype == np.int32 and got.shape == expected.shape
         np.testing.assert_array_equal(got, expected)
 
@@ -181,7 +183,7 @@ def test_quantize_dynamic_matmul_agrees_with_onnxruntime(per_channel, tmp_path):
                          {"w": rng.standard_normal((48, 24)).astype(np.float32) * 0.2})
     model = _quantized(float_model, tmp_path, per_channel)
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {n.op_type for n in model.graph.node}
-    expected, got = ort.run(model, {"x": x})["y"], _compiled(model, "x86", tmp_path).run({"x": x})["y"]
+    expected, got = integer_reference(model, {"x": x})["y"], _compiled(model, "x86", tmp_path).run({"x": x})["y"]
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -232,6 +234,8 @@ def test_quantize_dynamic_lstm_agrees_with_onnxruntime(case, tmp_path):
     float_model, feeds = _float_lstm(np.random.default_rng(3), **case)
     model = _quantized(float_model, tmp_path, per_channel)
     assert [n.op_type for n in model.graph.node] == ["DynamicQuantizeLSTM"]
+    if u8s8_inexact():  # its uint8 x int8 products are inside one onnxruntime kernel: no exact reference here
+        pytest.skip(u8s8_inexact())
     _assert_lstm_agrees(model, feeds, tmp_path, target)
 
 
@@ -288,7 +292,7 @@ def _relative_error(expected: np.ndarray, got: np.ndarray) -> float:
 def test_the_corpus_gru_seq2seq_with_matmul_integer_agrees(tmp_path):
     model, feeds = _corpus("pyfrspell-lemma-int8")
     lib = codegen.load(codegen.compile(model, "x86", tmp_path, shapes={k: v.shape for k, v in feeds.items()}).library)
-    expected, got = ort.run(model, feeds), lib.run(feeds)
+    expected, got = integer_reference(model, feeds), lib.run(feeds)
     for name in expected:
         assert _relative_error(expected[name], got[name]) < 1e-5, name
 
@@ -299,7 +303,7 @@ def test_the_corpus_bilstm_agrees_up_to_onnxruntimes_rounding_flips(tmp_path):
     first_layer = "/lstm/LSTM_output_0"
     model.graph.output.append(helper.make_tensor_value_info(first_layer, TensorProto.FLOAT, None))
     lib = codegen.load(codegen.compile(model, "x86", tmp_path, shapes={k: v.shape for k, v in feeds.items()}).library)
-    expected, got = ort.run(model, feeds, threads=1), lib.run(feeds)
+    expected, got = integer_reference(model, feeds, threads=1), lib.run(feeds)
     # The first layer reads the embeddings exactly as onnxruntime does: float32 rounding apart.
     np.testing.assert_allclose(got[first_layer], expected[first_layer], **LSTM_TOLERANCE)
     # Later layers quantize inputs that differ from onnxruntime's by its float rounding (1e-7):

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import codegen
 from graphopt.codegen import build, cpu_pipeline, int8_kernels, targets
-from graphopt.ir import ort
+from graphopt.testing.check import integer_reference
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "models"
@@ -120,7 +120,7 @@ def test_matches_onnxruntime_within_one_step(case, target, tmp_path):
     rng = np.random.default_rng(sorted(CASES).index(case))
     model = CASES[case](rng)
     feeds = _feeds(rng, model)
-    expected = ort.run(model, feeds)["y"]
+    expected = integer_reference(model, feeds)["y"]
     got = codegen.load(codegen.compile(model, target, tmp_path).library).run(feeds)["y"]
     assert got.dtype == expected.dtype and got.shape == expected.shape
     diff = np.abs(got.astype(np.int64) - expected.astype(np.int64))
@@ -158,7 +158,7 @@ def test_chain_matches_onnxruntime(target, tmp_path):
     model = _chain(rng)
     feeds = _feeds(rng, model)
     got = codegen.load(codegen.compile(model, target, tmp_path).library).run(feeds)["y"]
-    diff = np.abs(got.astype(np.int64) - ort.run(model, feeds)["y"].astype(np.int64))
+    diff = np.abs(got.astype(np.int64) - integer_reference(model, feeds)["y"].astype(np.int64))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
@@ -264,7 +264,7 @@ def _digits_predictions_agree(got: np.ndarray, expected: np.ndarray) -> None:
 @pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512_vnni")
 def test_quantized_digits_predictions_match_onnxruntime(digits_int8, tmp_path):
     x = np.load(MODELS / "digits_test.npz")["x"]
-    expected = ort.run(onnx.load(digits_int8), {"x": x})
+    expected = integer_reference(onnx.load(digits_int8), {"x": x})
     name = next(iter(expected))
     lib = codegen.load(codegen.compile(digits_int8, "x86", tmp_path, shapes={"x": list(x.shape)}).library)
     _digits_predictions_agree(lib.run({"x": x})[name], expected[name])
@@ -285,7 +285,7 @@ def test_quantized_digits_built_for_arm_dotprod_matches_onnxruntime(digits_int8,
     if not arm_env.is_ready():
         pytest.skip(f"no emulated aarch64 environment in {arm_env.env_dir()} (python tools/arm_env.py setup)")
     x = np.load(MODELS / "digits_test.npz")["x"][:32]
-    expected = ort.run(onnx.load(digits_int8), {"x": x})
+    expected = integer_reference(onnx.load(digits_int8), {"x": x})
     name = next(iter(expected))
     library = codegen.compile(digits_int8, "arm-dotprod", tmp_path, shapes={"x": list(x.shape)}).library
     got = arm_env.run(library, [x])[0]
@@ -299,7 +299,7 @@ def test_lowered_digits_predictions_match_onnxruntime(digits_lowered, target, tm
     if target == "x86" and not HOST_VNNI:
         pytest.skip("host CPU lacks avx512_vnni")
     x = np.load(MODELS / "digits_test.npz")["x"]
-    expected = ort.run(onnx.load(digits_lowered), {"x": x})["logits"]
+    expected = integer_reference(onnx.load(digits_lowered), {"x": x})["logits"]
     lib = codegen.load(codegen.compile(digits_lowered, target, tmp_path, shapes={"x": list(x.shape)}).library)
     _digits_predictions_agree(lib.run({"x": x})["logits"], expected)
 
@@ -311,6 +311,6 @@ def test_lowered_digits_built_for_arm_matches_onnxruntime(digits_lowered, target
     if not arm_env.is_ready():
         pytest.skip(f"no emulated aarch64 environment in {arm_env.env_dir()} (python tools/arm_env.py setup)")
     x = np.load(MODELS / "digits_test.npz")["x"][:64]
-    expected = ort.run(onnx.load(digits_lowered), {"x": x})["logits"]
+    expected = integer_reference(onnx.load(digits_lowered), {"x": x})["logits"]
     library = codegen.compile(digits_lowered, target, tmp_path, shapes={"x": list(x.shape)}).library
     _digits_predictions_agree(arm_env.run(library, [x])[0], expected)

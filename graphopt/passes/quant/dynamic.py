@@ -125,7 +125,10 @@ def run(pass_: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
     feeds = ctx.feeds if ctx.feeds is not None else random_feeds(input_specs(graph), ctx.seed, batch=8)
     rounding = pass_.rounding(ctx)
     result.stats["rounding"] = rounding
-    weights, how = pass_.weights(graph, accepted, feeds, rounding, ctx)
+    bits = pass_.options.weight_grid(uint8_activations=True)  # DynamicQuantizeLinear writes uint8
+    if bits != pass_.options.weight_bits:
+        result.stats["reduce_range"] = pass_.options.reduce_range_reason()
+    weights, how = pass_.weights(graph, accepted, feeds, rounding, ctx, bits)
     rw = Rewriter(graph)
     quantized: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
     for node in accepted:
@@ -199,7 +202,7 @@ def rewrite(rw: Rewriter, node: gs.Node, qw: QuantizedWeight,
     if bias is not None:
         rw.add_node("Add", [scaled, bias], [out], name=prefix + "_bias")
     form = f"DynamicQuantizeLinear+{form}+Cast+Mul" + ("+Add" if bias is not None else "")
-    return {"op": node.op, "form": form, "weight_bits": 8,
+    return {"op": node.op, "form": form, "weight_bits": qw.bits,
             "weight_sqnr_db": round(float(fidelity.measure(w_float, qw.dequantized()).sqnr_db), 2)}
 
 

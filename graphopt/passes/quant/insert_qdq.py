@@ -40,6 +40,7 @@ from graphopt.passes.quant import calibrate as cal
 from graphopt.passes.quant import dynamic, equalize, smooth
 from graphopt.passes.quant import sensitivity
 from graphopt.passes.quant.qdq_layer import QParams, insert_pair, quantize_layer
+from graphopt.passes.quant.shift_uint8 import u8s8_inexact
 from graphopt.passes.quant.weight_quant import (BITS, SCALE_METHODS, Layout, QuantizedWeight, quantize_gptq,
                                                 quantize_nearest, quantize_weight)
 from graphopt.passes.weights import check_weight
@@ -68,6 +69,10 @@ class Options(LayerOptions):
                                "transformer-like graph), weight-only at 4")
     per_channel: bool = option(True, "one weight scale per output channel; false: one per weight")
     weight_bits: int = option(8, "weight integers: 8 (int8) or 4 (ONNX INT4; the model is upgraded to opset 21)")
+    reduce_range: bool | str = option("auto", "int8 weights next to uint8 activations (mode=dynamic, activation_type="
+                                              "uint8) on 7 bits, [-64, 64], so that u8 x s8 kernels that add pairs of "
+                                              "products in 16 bits cannot saturate (onnxruntime's reduce_range); "
+                                              "'auto': where this host's onnxruntime does")
     group_size: int = option(0, "0: scales per output channel; N: one scale per N inputs along K (a Conv: N "
                                 "input channels at each kernel position; opset 21's blocked DequantizeLinear)")
     scales: str = option("auto", "weight scales: 'minmax' (largest |w| / qmax) or 'mse' (the clipping with least "
@@ -101,6 +106,8 @@ class Options(LayerOptions):
                 raise bad(name, f"must be one of {', '.join(allowed)}")
         if self.weight_bits not in BITS:
             raise bad("weight_bits", "must be 8 or 4")
+        if self.reduce_range not in (True, False, "auto"):
+            raise bad("reduce_range", "must be true, false or auto")
         if self.group_size < 0:
             raise bad("group_size", "must be 0 (per channel) or a positive number of inputs per scale")
         if self.group_size and not self.per_channel:
@@ -118,6 +125,17 @@ class Options(LayerOptions):
             dynamic.check_options(self)
         smooth.check_options(self.smooth, self.smooth_alpha)
         equalize.check_option(self.equalize)
+
+    def weight_grid(self, uint8_activations: bool) -> int:
+        """The bits of the weights' integer grid: weight_bits, or 7 where reduce_range applies."""
+        if self.weight_bits != 8 or not uint8_activations or self.reduce_range is False:
+            return self.weight_bits
+        return 7 if self.reduce_range is True or u8s8_inexact() else 8
+
+    def reduce_range_reason(self) -> str:
+        """Why the weights are on 7 bits, for the pass's stats."""
+        why = "reduce_range=true" if self.reduce_range is True else u8s8_inexact()
+        return f"int8 weights on 7 bits ([-64, 64]) next to uint8 activations: {why}"
 
     @property
     def static(self) -> bool:
@@ -341,7 +359,10 @@ class Quantize(LayerPass):
         report = (lambda done, total: ctx.progress("calibration", done, total)) if ctx.progress else None
         params = calibrated(graph, nodes, feeds, o, report) if o.static else {}
         result.stats["activations_quantized"] = len(params)
-        weights, how = self.weights(graph, nodes, feeds, rounding, ctx)
+        bits = o.weight_grid(uint8_activations=o.static and o.activation_type == "uint8")
+        if bits != o.weight_bits:
+            result.stats["reduce_range"] = o.reduce_range_reason()
+        weights, how = self.weights(graph, nodes, feeds, rounding, ctx, bits)
         choices = self._choose_float(graph, nodes, params, weights, feeds)
         for name, rounded in how.items():
             choices.setdefault(name, {})["rounding"] = rounded
@@ -352,10 +373,13 @@ class Quantize(LayerPass):
         return [(layer, plans[layer.name]) for layer in layers if layer.name in plans]
 
     def weights(self, graph: gs.Graph, nodes: list[gs.Node], feeds: dict[str, np.ndarray], rounding: str,
-                ctx: PassContext | None = None) -> tuple[dict[str, QuantizedWeight], dict[str, str]]:
-        """Every layer's weight as it will be stored, and how it was rounded (GPTQ where the row
-        view covers the layer, from one streamed pass over `feeds`; nearest elsewhere, and why)."""
+                ctx: PassContext | None = None, bits: int | None = None
+                ) -> tuple[dict[str, QuantizedWeight], dict[str, str]]:
+        """Every layer's weight as it will be stored, on a grid of `bits` (default weight_bits), and
+        how it was rounded (GPTQ where the row view covers the layer, from one streamed pass over
+        `feeds`; nearest elsewhere, and why)."""
         o = self.options
+        bits = bits or o.weight_bits
         layouts = {n.name: Layout.of(n, o.per_channel, o.group_size) for n in nodes}
         why = {n.name: activations.supported(n) if rounding == "gptq" else "" for n in nodes}
         fit = [n for n in nodes if why[n.name] is None]
@@ -369,10 +393,10 @@ class Quantize(LayerPass):
             s = stats.get(n.name)
             if s is None:
                 weights[n.name] = quantize_nearest(n.inputs[1].values.astype(np.float32), layouts[n.name],
-                                                   o.weight_bits, o.scale_method)
+                                                   bits, o.scale_method)
                 how[n.name] = f"nearest (gptq: {why[n.name]})" if why[n.name] else "nearest"
             else:
-                weights[n.name] = quantize_gptq(n, layouts[n.name], o.weight_bits, o.scale_method, s.hessian,
+                weights[n.name] = quantize_gptq(n, layouts[n.name], bits, o.scale_method, s.hessian,
                                                 s.rows_seen, o.damping, o.gptq_block, o.act_order)
                 how[n.name] = "gptq"
         return weights, how

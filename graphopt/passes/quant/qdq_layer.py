@@ -61,7 +61,7 @@ def quantize_layer(rw: Rewriter, node: gs.Node, qw: QuantizedWeight, input_scale
     layer's decision: op, weight bits and SQNR, and the bias's form when it stays float."""
     w = node.inputs[1]
     name, values = w.name, w.values.astype(np.float32)
-    zero = np.zeros_like(qw.scale, np.int8) if qw.bits == 8 else None
+    zero = np.zeros_like(qw.scale, np.int8) if qw.bits != 4 else None
     rw.set_input(node, 1, dequantized(rw, name, qw.stored(name + "_quantized"), qw.scale, zero, qw.layout.axis,
                                       qw.layout.block_size, shape=list(values.shape)))
     info = {"op": node.op, "weight_bits": qw.bits,

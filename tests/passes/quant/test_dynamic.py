@@ -41,16 +41,36 @@ def test_builders_within_bound(build):
                for d in result.decisions.values()), result.decisions
 
 
-def test_same_model_as_onnxruntime_quantize_dynamic(tmp_path):
-    """Without data (nearest rounding) the rewrite is onnxruntime's own: same operators, same outputs."""
+def test_reduce_range_auto_follows_whether_onnxruntime_saturates_here():
+    """reduce_range=auto puts the weights on 7 bits exactly where this host's onnxruntime sums
+    u8 x s8 pairs in 16 bits with saturation (and says so); there the 8-bit weights lose precision
+    that the 7-bit ones keep (MLP builder, output SQNR measured in onnxruntime)."""
+    from graphopt.passes.quant.shift_uint8 import u8s8_inexact
+
+    _, auto, _ = check_pass(builders.mlp(), Quantize(mode="dynamic"))
+    bits = {d["weight_bits"] for d in auto.decisions.values()}
+    assert bits == ({7} if u8s8_inexact() else {8})
+    assert ("reduce_range" in auto.stats) == bool(u8s8_inexact())
+    _, full, _ = check_pass(builders.mlp(), Quantize(mode="dynamic", reduce_range=False))
+    worst = {name: (min(d["output_sqnr_db"] for d in r.decisions.values())) for name, r in (("auto", auto), ("8", full))}
+    print(worst)
+    if u8s8_inexact():
+        assert worst["auto"] > worst["8"]
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_same_model_as_onnxruntime_quantize_dynamic(tmp_path, reduce_range):
+    """Without data (nearest rounding) the rewrite is onnxruntime's own: same operators, same outputs,
+    with and without reduce_range (weights on [-64, 64], so that u8 x s8 pair sums fit 16 bits)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     m = builders.transformer()
     onnx.save(m, tmp_path / "float.onnx")
     quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "ort.onnx"), weight_type=QuantType.QInt8,
-                     per_channel=True)
+                     per_channel=True, reduce_range=reduce_range)
     theirs = onnx.load(tmp_path / "ort.onnx")
     graph = gs.import_onnx(m)
-    Quantize(mode="dynamic").run(graph, PassContext())
+    result = Quantize(mode="dynamic", reduce_range=reduce_range).run(graph, PassContext())
+    assert all(d["weight_bits"] == (7 if reduce_range else 8) for d in result.decisions.values())
     assert Counter(ops(graph)) == Counter(n.op_type for n in theirs.graph.node)
     for seed in (0, 1):
         feeds = random_feeds(input_specs(graph), seed=seed, batch=1)
