@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from graphopt.codegen import cpu_pipeline
-from graphopt.codegen.targets import Target, code_arch, host_arch
+from graphopt.codegen.targets import Target, code_arch, host_arch, missing_here
 
 
 class CpuBackend:
@@ -38,6 +38,9 @@ class CpuBackend:
         arch = code_arch(target)
         if arch != host_arch():
             return f"built for {arch}; this machine is {host_arch()} (tools/arm_env.py runs aarch64 emulated)"
+        missing = missing_here(target)
+        if missing:
+            return f"built for instructions this CPU lacks ({', '.join(missing)}); run it on a CPU that has them"
         return None
 
     def can_time_here(self, target: Target) -> bool:

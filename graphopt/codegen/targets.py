@@ -235,6 +235,19 @@ def host_arch() -> str:
     return _MACHINES.get(machine, machine)
 
 
+def missing_here(target: Target) -> list[str]:
+    """The instruction sets graphopt's kernels dispatch on (AVX-512, VNNI, AMX) that an x86
+    `target` has and this machine's CPU lacks: its library would die of SIGILL here."""
+    flags = _cpuinfo_flags()
+    if code_arch(target) != "x86_64" or host_arch() != "x86_64" or not flags:
+        return []
+    from tvm.target.codegen import target_has_features
+
+    tvm_target = target.tvm_target()
+    return [feature for flag, feature in _DISPATCH_FEATURES.items()
+            if flag not in flags and target_has_features(feature, tvm_target)]
+
+
 def code_arch(target: Target) -> str:
     """The architecture `target`'s CPU code is for (x86_64, aarch64)."""
     return _triple_arch(target.tvm)

@@ -23,6 +23,18 @@ def test_cpu_libraries_run_and_are_timed_on_this_architecture_only():
     assert deploy.target_timer(arm) is None and deploy.target_timer(here) is not None
 
 
+def test_x86_libraries_for_instructions_this_cpu_lacks_are_not_run(monkeypatch):
+    from graphopt.codegen import targets
+
+    cascadelake = resolve('{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"}')
+    monkeypatch.setattr(targets, "_cpuinfo_flags", lambda: {"sse4_2", "avx2", "fma"})
+    assert "avx512vnni" in backends.of(cascadelake).cannot_run_here(cascadelake)
+    assert not backends.of(cascadelake).can_time_here(cascadelake)
+    assert backends.of(here := resolve("x86-64")).cannot_run_here(here) is None
+    monkeypatch.setattr(targets, "_cpuinfo_flags", lambda: set(targets._DISPATCH_FEATURES) | {"avx2"})
+    assert backends.of(cascadelake).cannot_run_here(cascadelake) is None
+
+
 def test_cuda_libraries_are_not_timed_and_need_a_gpu():
     import tvm
 
